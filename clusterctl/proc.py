@@ -1,0 +1,64 @@
+"""Every subprocess goes through `run()`, the way mkosi's run.py does it.
+
+Commands are argument lists, never strings for a shell, so user input can never become shell syntax.
+A failure raises `CommandError` quoting the exact command, its exit code and the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from clusterctl.errors import ClusterctlError, CommandError
+
+log = logging.getLogger(__name__)
+
+
+def which(program: str, *, fix: str) -> str:
+    """Absolute path of `program`, or a ClusterctlError saying how to get it."""
+    path = shutil.which(program)
+    if path is None:
+        raise ClusterctlError(f"'{program}' was not found on PATH", fix)
+    return path
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = True,
+    input: str | None = None,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `argv` (a list, never a shell string) and return its result as text."""
+    if isinstance(argv, str):
+        raise TypeError("run() takes an argument list, not a shell string")
+    args = [str(a) for a in argv]
+    log.debug("run: %s", shlex.join(args))
+    try:
+        result = subprocess.run(
+            args,
+            check=False,
+            text=True,
+            input=input,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            timeout=timeout,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+    except FileNotFoundError as e:
+        raise CommandError(f"cannot run {shlex.join(args)}: {args[0]} not found",
+                           f"install {args[0]} or put it on PATH") from e
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(f"{shlex.join(args)} did not finish within {timeout}s") from e
+    if check and result.returncode != 0:
+        tail = (result.stderr or result.stdout or "").strip().splitlines()[-3:]
+        detail = ("; ".join(tail)) if tail else "no output"
+        raise CommandError(f"{shlex.join(args)} exited {result.returncode}: {detail}")
+    return result
