@@ -1,0 +1,87 @@
+"""`clusterctl generate`: options -> Plan -> rendered, verified unit files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clusterctl import generate as gen
+from clusterctl.cli import cli
+from clusterctl.plan import BACKLOG, DRAIN_TIMEOUT, WATCHDOG_SEC, Plan, build_plan
+
+_PLAN_OPTIONS = [
+    click.option("--app", required=True, metavar="MODULE:CALLABLE", help="The WSGI app, e.g. myproject.wsgi:application."),
+    click.option("--name", metavar="NAME", help="Unit name prefix (default: the app module's last part)."),
+    click.option("--workers", default="auto", show_default=True, metavar="auto|N",
+                 help="Worker instances; auto = usable CPUs (affinity and cgroup quota)."),
+    click.option("--listen", multiple=True, metavar="ADDR",
+                 help="PORT, IPv4:PORT, [IPv6]:PORT or unix:/path; repeatable (default 127.0.0.1:8000)."),
+    click.option("--balance", type=click.Choice(["shared", "reuseport"]), default="shared", show_default=True,
+                 help="shared: one socket, one queue; reuseport: a socket per worker, kernel-hashed."),
+    click.option("--user", metavar="USER", help="Run the workers as this user."),
+    click.option("--working-dir", metavar="DIR", help="Directory the app is imported from (default: cwd)."),
+    click.option("--python", metavar="PATH", help="Interpreter with the app and clusterctl installed (default: this one)."),
+    click.option("--env", multiple=True, metavar="KEY=VALUE", help="Environment for the workers; repeatable."),
+    click.option("--memory-max", metavar="SIZE", help="Hard memory limit per worker (MemoryMax=), e.g. 512M."),
+    click.option("--cpu-quota", metavar="PCT", help="CPU limit per worker (CPUQuota=), e.g. 150%."),
+    click.option("--backlog", type=int, default=BACKLOG, show_default=True, help="Listen queue length (Backlog=)."),
+    click.option("--drain-timeout", type=int, default=DRAIN_TIMEOUT, show_default=True,
+                 help="Seconds a stopping worker may finish in-flight requests."),
+    click.option("--watchdog-sec", type=int, default=WATCHDOG_SEC, show_default=True,
+                 help="Kill a worker whose event loop is blocked this long (0: off)."),
+    click.option("--check-import/--no-check-import", default=True, show_default=True,
+                 help="Import the app with the target python before writing anything."),
+]
+
+
+def plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that make a Plan, shared by every command that builds one."""
+    for option in reversed(_PLAN_OPTIONS):
+        f = option(f)
+    return f
+
+
+def plan_from_options(options: dict[str, Any]) -> Plan:
+    """Build the Plan from the plan options; pops them so the caller keeps only its own."""
+    keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
+            "memory_max", "cpu_quota", "backlog", "drain_timeout", "watchdog_sec")
+    kwargs = {k: options.pop(k) for k in keys}
+    return build_plan(**kwargs, check=options.pop("check_import"))
+
+
+@cli.command()
+@plan_options
+@click.option("--output", "-o", type=click.Path(path_type=Path), metavar="DIR", help="Where to write (default: units/NAME).")
+@click.option("--diff", "show_diff", is_flag=True, help="Show what would change in an existing output.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output that differs.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check the units with systemd-analyze verify.")
+@click.option("--verbose", "-v", is_flag=True, help="Explain the worker count and the plan.")
+def generate(output: Path | None, show_diff: bool, force: bool, verify: bool, verbose: bool, **options: Any) -> None:
+    """Render systemd units for a WSGI app: a socket, NAME@.service workers and NAME.target."""
+    plan = plan_from_options(options)
+    if verbose:
+        if plan.cpu_budget is not None:
+            click.echo(f"workers: {plan.cpu_budget.explain()}")
+        else:
+            click.echo(f"workers: {plan.workers} (from --workers)")
+        click.echo(f"layout: {plan.balance}; listen: {', '.join(a.unit_value for a in plan.listen)}")
+        click.echo(f"python: {plan.python}; working dir: {plan.working_dir}")
+    out = output if output is not None else Path("units") / plan.name
+    if show_diff:
+        diff, _stale = gen.diff_against(out, gen.render(plan), plan.name)
+        click.echo(diff or f"{out}: up to date", nl=not diff)
+        if not force:
+            return
+    result = gen.write(plan, out, force=force, check_units=verify)
+    if not result.changed:
+        click.echo(f"{out}: up to date ({plan.workers} workers)")
+        return
+    for p in result.written:
+        click.echo(f"wrote {p}")
+    for p in result.removed:
+        click.echo(f"removed {p}")
+    click.echo(f"{plan.name}: {plan.workers} workers, {plan.balance} socket on "
+               f"{', '.join(a.unit_value for a in plan.listen)}" + (" (verified)" if verify else ""))

@@ -1,0 +1,327 @@
+"""The plan: every decision `generate` makes, validated before a single file is written.
+
+CLI options go in as strings; a frozen `Plan` comes out, or a `ClusterctlError` naming the option and
+the fix. Rendering (generate.py) and later operations read only the plan, never raw options.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from clusterctl.cores import CpuBudget, usable_cpus
+from clusterctl.errors import ClusterctlError
+from clusterctl.proc import run
+
+Balance = Literal["shared", "reuseport"]
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+APP_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+# Unit names allow more, but this set needs no escaping anywhere (paths, journal fields, shell).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SIZE_RE = re.compile(r"^(\d+(\.\d+)?[KMGT]?|\d{1,3}%|infinity)$")
+PERCENT_RE = re.compile(r"^(\d{1,5})%?$")
+
+DEFAULT_PORT = 8000
+DRAIN_TIMEOUT = 25
+WATCHDOG_SEC = 10
+BACKLOG = 4096
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One address the socket unit listens on."""
+
+    kind: Literal["tcp", "unix"]
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def unit_value(self) -> str:
+        """The value for ListenStream=."""
+        if self.kind == "unix":
+            return str(self.path)
+        if self.host is None:
+            return str(self.port)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = self.host or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything needed to render a cluster's units."""
+
+    name: str
+    app: str
+    workers: int
+    listen: tuple[Listen, ...]
+    balance: Balance
+    python: str
+    working_dir: str
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    memory_max: str | None = None
+    cpu_quota: str | None = None
+    backlog: int = BACKLOG
+    drain_timeout: int = DRAIN_TIMEOUT
+    watchdog_sec: int = WATCHDOG_SEC
+    cpu_budget: CpuBudget | None = field(default=None, compare=False)
+
+    @property
+    def instances(self) -> list[int]:
+        return list(range(1, self.workers + 1))
+
+    @property
+    def stop_timeout(self) -> int:
+        """TimeoutStopSec: above the drain deadline so the runtime, not SIGKILL, ends the drain."""
+        return self.drain_timeout + 5
+
+
+def parse_app(spec: str) -> str:
+    if not APP_RE.match(spec):
+        raise ClusterctlError(
+            f"--app {spec!r} is not MODULE:CALLABLE",
+            "name a module and an attribute, e.g. --app myproject.wsgi:application",
+        )
+    return spec
+
+
+def parse_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ClusterctlError(
+            f"--name {name!r} is not a valid unit name prefix",
+            "use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit (no '@', '/' or spaces)",
+        )
+    return name
+
+
+def default_name(app: str) -> str:
+    """`pkg.web:app` -> `web`: the module's last part, made a valid unit name."""
+    base = app.split(":", 1)[0].rsplit(".", 1)[-1].replace("_", "-").strip("-.") or "app"
+    return parse_name(base[:64])
+
+
+def parse_listen(value: str) -> Listen:
+    """`PORT`, `IPv4:PORT`, `[IPv6]:PORT`, or `unix:/abs/path` (or just `/abs/path`)."""
+    fix = "use PORT, 127.0.0.1:8000, [::1]:8000 or unix:/run/NAME.sock"
+    if value.startswith(("unix:", "/")):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/") or "\n" in path or len(path.encode()) > 107:
+            raise ClusterctlError(f"--listen {value!r}: a unix socket needs an absolute path under 108 bytes", fix)
+        return Listen("unix", path=path)
+    host: str | None
+    if value.isdigit():
+        host, port_s = None, value
+    elif value.startswith("["):
+        host, sep, port_s = value[1:].partition("]:")
+        if not sep:
+            raise ClusterctlError(f"--listen {value!r}: an IPv6 address needs the form [ADDR]:PORT", fix)
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep:
+            raise ClusterctlError(f"--listen {value!r} has no port", fix)
+    if host is not None:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise ClusterctlError(
+                f"--listen {value!r}: {host!r} is not an IP address (systemd sockets bind addresses, not names)",
+                fix,
+            ) from None
+        if value.startswith("[") != (addr.version == 6):
+            raise ClusterctlError(f"--listen {value!r}: write IPv6 addresses in brackets, IPv4 without", fix)
+        host = str(addr)
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ClusterctlError(f"--listen {value!r}: port must be a number from 1 to 65535", fix)
+    return Listen("tcp", host=host, port=int(port_s))
+
+
+def parse_workers(value: str, budget: CpuBudget | None = None) -> tuple[int, CpuBudget | None]:
+    if value == "auto":
+        budget = budget or usable_cpus()
+        return budget.workers, budget
+    if not value.isdigit() or int(value) < 1:
+        raise ClusterctlError(f"--workers {value!r} must be 'auto' or a whole number >= 1",
+                              "pass --workers auto to size to the usable CPUs, or e.g. --workers 4")
+    if int(value) > 1024:
+        raise ClusterctlError(f"--workers {value} is more than 1024", "use at most a few workers per CPU")
+    return int(value), budget
+
+
+def parse_env(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not ENV_KEY_RE.match(key):
+            raise ClusterctlError(f"--env {item!r} is not KEY=VALUE", "use a shell-style name, e.g. --env DJANGO_DEBUG=0")
+        if "\n" in val or "\0" in val:
+            raise ClusterctlError(f"--env {key}: the value contains a newline or NUL", "pass a single-line value")
+        out.append((key, val))
+    return tuple(out)
+
+
+def parse_size(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    if not SIZE_RE.match(value):
+        raise ClusterctlError(f"{option} {value!r} is not a size",
+                              f"use bytes with K, M, G or T (e.g. {option} 512M), a percentage, or infinity")
+    return value
+
+
+def parse_percent(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    m = PERCENT_RE.match(value)
+    if not m or int(m.group(1)) == 0:
+        raise ClusterctlError(f"{option} {value!r} is not a positive percentage", f"e.g. {option} 150% for one and a half CPUs")
+    return f"{int(m.group(1))}%"
+
+
+def parse_user(user: str | None) -> str | None:
+    if user is None:
+        return None
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}\$?$", user) and not user.isdigit():
+        raise ClusterctlError(f"--user {user!r} is not a valid user name", "use an existing system user, e.g. --user www-data")
+    return user
+
+
+def resolve_python(python: str | None) -> str:
+    """The interpreter the workers run: absolute, existing, executable. Symlinks are kept (a venv's
+    python is a symlink, and resolving it would lose the venv)."""
+    path = python or sys.executable
+    if not os.path.isabs(path):
+        raise ClusterctlError(f"--python {path!r} is not an absolute path", "pass the full path, e.g. /opt/app/venv/bin/python")
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise ClusterctlError(f"--python {path}: no executable file there",
+                              "point it at the python of the venv that has your app installed")
+    return path
+
+
+def resolve_working_dir(path: str | None) -> str:
+    wd = os.path.abspath(path or os.getcwd())
+    if not os.path.isdir(wd):
+        raise ClusterctlError(f"--working-dir {wd}: not a directory", "pass the directory your app is imported from")
+    return wd
+
+
+_CHECK = r"""
+import importlib, importlib.util, json, sys, traceback
+sys.path.insert(0, ".")
+spec = sys.argv[1]
+mod_name, _, attr = spec.partition(":")
+def out(**kw):
+    print("\n" + json.dumps(kw))
+    sys.exit(0)
+if importlib.util.find_spec("clusterctl") is None:
+    out(error="no-clusterctl")
+try:
+    obj = importlib.import_module(mod_name)
+except ModuleNotFoundError as e:
+    out(error="module", detail=str(e), missing=e.name)
+except BaseException as e:
+    out(error="import", detail=traceback.format_exception_only(e)[-1].strip())
+for part in attr.split("."):
+    if not hasattr(obj, part):
+        out(error="attr", detail=part)
+    obj = getattr(obj, part)
+out(ok=callable(obj), kind=type(obj).__name__)
+"""
+
+
+def check_import(app: str, python: str, working_dir: str) -> None:
+    """Import the app with the workers' python, from their working directory, and confirm a callable.
+
+    Done in a child process so the check sees exactly what a worker will see (its interpreter, its
+    site-packages, its cwd) and so the app's import side effects stay out of this process.
+    """
+    result = run([python, "-c", _CHECK, app], check=False, cwd=working_dir, timeout=60)
+    lines = (result.stdout or "").strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        verdict = None
+    if verdict is None:
+        raise ClusterctlError(
+            f"--app {app}: the import check with {python} failed: {(result.stderr or '').strip()[-300:] or 'no output'}",
+            "run the python yourself to see why, or skip the check with --no-check-import",
+        )
+    module = app.partition(":")[0]
+    err = verdict.get("error")
+    if err == "no-clusterctl":
+        raise ClusterctlError(f"--python {python} cannot import clusterctl, so the workers could not start",
+                              f"install it there: {python} -m pip install clusterctl")
+    if err == "module":
+        raise ClusterctlError(f"--app {app}: module {verdict.get('missing') or module!r} not found from {working_dir}",
+                              "check the spelling, pass --working-dir where it lives, or --python of the venv that has it")
+    if err == "import":
+        raise ClusterctlError(f"--app {app}: importing {module} raised {verdict.get('detail')}",
+                              "fix the app so it imports, then run generate again")
+    if err == "attr":
+        raise ClusterctlError(f"--app {app}: module {module} has no attribute {verdict.get('detail')!r}",
+                              "name the WSGI callable after the colon, e.g. --app myproject.wsgi:application")
+    if not verdict.get("ok"):
+        raise ClusterctlError(f"--app {app} is a {verdict.get('kind')}, not a callable",
+                              "point --app at the WSGI application object")
+
+
+def build_plan(
+    *,
+    app: str,
+    name: str | None = None,
+    workers: str = "auto",
+    listen: tuple[str, ...] | list[str] = (),
+    balance: str = "shared",
+    user: str | None = None,
+    working_dir: str | None = None,
+    python: str | None = None,
+    env: tuple[str, ...] | list[str] = (),
+    memory_max: str | None = None,
+    cpu_quota: str | None = None,
+    backlog: int = BACKLOG,
+    drain_timeout: int = DRAIN_TIMEOUT,
+    watchdog_sec: int = WATCHDOG_SEC,
+    check: bool = True,
+    budget: CpuBudget | None = None,
+) -> Plan:
+    """Parse and validate every option; raise on the first bad one. Writes nothing."""
+    app = parse_app(app)
+    name = parse_name(name) if name is not None else default_name(app)
+    n, budget = parse_workers(workers, budget)
+    addresses = tuple(parse_listen(v) for v in listen) or (Listen("tcp", host="127.0.0.1", port=DEFAULT_PORT),)
+    if len({a.unit_value for a in addresses}) != len(addresses):
+        raise ClusterctlError("--listen names the same address twice", "list each address once")
+    if balance not in ("shared", "reuseport"):
+        raise ClusterctlError(f"--balance {balance!r} is not shared or reuseport", "see README: Layouts")
+    if not 1 <= backlog <= 65535:
+        raise ClusterctlError(f"--backlog {backlog} is out of range", "use 1-65535 (the kernel caps it at net.core.somaxconn)")
+    if not 1 <= drain_timeout <= 3600:
+        raise ClusterctlError(f"--drain-timeout {drain_timeout} is out of range", "use 1-3600 seconds")
+    if not 0 <= watchdog_sec <= 3600:
+        raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
+    py = resolve_python(python)
+    wd = resolve_working_dir(working_dir)
+    plan = Plan(
+        name=name, app=app, workers=n, listen=addresses, balance=balance,  # type: ignore[arg-type]
+        python=py, working_dir=wd, user=parse_user(user), env=parse_env(env),
+        memory_max=parse_size(memory_max, "--memory-max"), cpu_quota=parse_percent(cpu_quota, "--cpu-quota"),
+        backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, cpu_budget=budget,
+    )
+    if check:
+        check_import(plan.app, plan.python, plan.working_dir)
+    return plan

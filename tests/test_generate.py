@@ -1,0 +1,244 @@
+"""`clusterctl generate`: the plan, both layouts, every bad input, systemd-analyze verify, units/ drift."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from clusterctl import generate as gen
+from clusterctl.cli import cli
+from clusterctl.cores import CpuBudget
+from clusterctl.errors import ClusterctlError
+from clusterctl.plan import build_plan, parse_listen
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_ARGS = ["--app", "examples.hello:app", "--name", "hello", "--workers", "2", "--python", "/usr/bin/python3",
+               "--working-dir", "/srv", "--no-check-import"]
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+
+
+@pytest.fixture
+def appdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "myapp.py").write_text(
+        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'hi']\n"
+        "number = 3\n"
+    )
+    (tmp_path / "broken.py").write_text("raise RuntimeError('database is down')\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def generate(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["generate", *args])
+    return result.exit_code, result.output
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+def test_plan_defaults(appdir: Path) -> None:
+    plan = build_plan(app="myapp:app", budget=CpuBudget(affinity=4, quota=2.5, quota_source="x", workers=2))
+    assert plan.name == "myapp"
+    assert plan.workers == 2
+    assert plan.balance == "shared"
+    assert [a.unit_value for a in plan.listen] == ["127.0.0.1:8000"]
+    assert plan.python == sys.executable
+    assert plan.working_dir == str(appdir)
+    assert plan.stop_timeout > plan.drain_timeout
+
+
+@pytest.mark.parametrize("value,unit,url", [
+    ("8080", "8080", "http://127.0.0.1:8080/"),
+    ("0.0.0.0:80", "0.0.0.0:80", "http://127.0.0.1:80/"),
+    ("[::1]:9000", "[::1]:9000", "http://[::1]:9000/"),
+    ("unix:/run/app.sock", "/run/app.sock", "unix:/run/app.sock"),
+    ("/run/app.sock", "/run/app.sock", "unix:/run/app.sock"),
+])
+def test_listen_forms(value: str, unit: str, url: str) -> None:
+    address = parse_listen(value)
+    assert address.unit_value == unit
+    assert address.url == url
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+def test_shared_layout(appdir: Path) -> None:
+    plan = build_plan(app="myapp:app", name="web", workers="3", listen=["8080"], check=False)
+    files = gen.render(plan)
+    assert sorted(files) == ["web.socket", "web.target", "web@.service"]
+    sock, svc, target = files["web.socket"], files["web@.service"], files["web.target"]
+    assert "ListenStream=8080\n" in sock
+    assert "ReusePort=yes\n" in sock
+    assert "Service=web@1.service\n" in sock
+    assert "Backlog=4096\n" in sock
+    for line in ("Type=notify", "NotifyAccess=main", "Sockets=web.socket", "Requires=web.socket",
+                 "After=web.socket network.target", "Restart=on-failure", "RestartSec=1",
+                 "StartLimitIntervalSec=0", "KillMode=mixed", "WatchdogSec=10", "TimeoutStopSec=30",
+                 f"WorkingDirectory={appdir}", "Environment=PYTHONUNBUFFERED=1"):
+        assert line + "\n" in svc, line
+    assert (f"ExecStart={sys.executable} -m clusterctl.worker --app myapp:app --name web --instance %i "
+            "--drain-timeout 25\n") in svc
+    assert [line for line in target.splitlines() if line.startswith("Wants=")] == [
+        "Wants=web.socket", "Wants=web@1.service", "Wants=web@2.service", "Wants=web@3.service"]
+    assert "WantedBy=multi-user.target" in target
+
+
+def test_reuseport_layout(appdir: Path) -> None:
+    plan = build_plan(app="myapp:app", name="web", workers="2", balance="reuseport", check=False)
+    files = gen.render(plan)
+    assert sorted(files) == ["web.target", "web@.service", "web@.socket"]
+    assert "Service=web@%i.service\n" in files["web@.socket"]
+    assert "ReusePort=yes\n" in files["web@.socket"]
+    assert "Sockets=web@%i.socket\n" in files["web@.service"]
+    assert "Requires=web@%i.socket\n" in files["web@.service"]
+    assert "Wants=web@1.socket\nWants=web@2.socket\n" in files["web.target"]
+
+
+def test_options_reach_the_units(appdir: Path) -> None:
+    plan = build_plan(app="myapp:app", name="web", workers="1", env=["GREETING=hello world 100%", 'Q="x"'],
+                      memory_max="512M", cpu_quota="150", user="www-data", check=False)
+    svc = gen.render(plan)["web@.service"]
+    assert 'Environment="GREETING=hello world 100%%"\n' in svc
+    assert 'Environment="Q=\\"x\\""\n' in svc
+    assert "MemoryMax=512M\n" in svc
+    assert "CPUQuota=150%\n" in svc
+    assert "User=www-data\n" in svc
+
+
+def test_exec_quote() -> None:
+    assert gen.exec_quote("/opt/my app/python") == '"/opt/my app/python"'
+    assert gen.exec_quote("100%") == "100%%"
+    assert gen.exec_quote("$HOME") == "$$HOME"
+    assert gen.exec_quote("plain") == "plain"
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+@needs_analyze
+def test_generate_writes_verified_units(appdir: Path) -> None:
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "2", "-v")
+    assert code == 0, out
+    assert "workers: 2 (from --workers)" in out
+    assert "(verified)" in out
+    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web.socket", "web.target", "web@.service"]
+
+
+def test_verbose_explains_auto_sizing(appdir: Path) -> None:
+    code, out = generate("--app", "myapp:app", "--workers", "auto", "-v", "--no-verify")
+    assert code == 0, out
+    assert "CPUs in affinity" in out and "workers" in out
+
+
+@needs_analyze
+def test_rerun_shows_diff_and_needs_force(appdir: Path) -> None:
+    assert generate("--app", "myapp:app", "--name", "web", "--workers", "2")[0] == 0
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "2")
+    assert code == 0 and "up to date" in out
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "3")
+    assert code != 0 and "--force" in out
+    assert "Wants=web@3.service" not in (appdir / "units/web/web.target").read_text()
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "3", "--diff")
+    assert code == 0 and "+Wants=web@3.service" in out
+    assert "Wants=web@3.service" not in (appdir / "units/web/web.target").read_text()
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "3", "--balance", "reuseport", "--force")
+    assert code == 0, out
+    assert "removed" in out
+    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web.target", "web@.service", "web@.socket"]
+
+
+BAD_INPUTS = [
+    (["--app", "myapp"], "--app 'myapp' is not MODULE:CALLABLE"),
+    (["--app", "my-app:app"], "is not MODULE:CALLABLE"),
+    (["--app", "nosuch:app"], "module 'nosuch' not found"),
+    (["--app", "myapp:nope"], "has no attribute 'nope'"),
+    (["--app", "myapp:number"], "is a int, not a callable"),
+    (["--app", "broken:app"], "raised RuntimeError: database is down"),
+    (["--app", "myapp:app", "--name", "a@b"], "--name 'a@b' is not a valid unit name prefix"),
+    (["--app", "myapp:app", "--name", "../etc"], "is not a valid unit name prefix"),
+    (["--app", "myapp:app", "--listen", "0"], "port must be a number from 1 to 65535"),
+    (["--app", "myapp:app", "--listen", "127.0.0.1:65536"], "port must be a number from 1 to 65535"),
+    (["--app", "myapp:app", "--listen", "localhost:80"], "'localhost' is not an IP address"),
+    (["--app", "myapp:app", "--listen", "::1:80"], "IPv6 addresses in brackets"),
+    (["--app", "myapp:app", "--listen", "300.1.1.1:80"], "is not an IP address"),
+    (["--app", "myapp:app", "--listen", "unix:relative"], "absolute path"),
+    (["--app", "myapp:app", "--listen", "80", "--listen", "80"], "the same address twice"),
+    (["--app", "myapp:app", "--workers", "0"], "--workers '0' must be 'auto' or a whole number"),
+    (["--app", "myapp:app", "--workers", "many"], "must be 'auto' or a whole number"),
+    (["--app", "myapp:app", "--python", "python3"], "is not an absolute path"),
+    (["--app", "myapp:app", "--python", "/nonexistent/python"], "no executable file there"),
+    (["--app", "myapp:app", "--working-dir", "/nonexistent"], "not a directory"),
+    (["--app", "myapp:app", "--env", "NOEQUALS"], "is not KEY=VALUE"),
+    (["--app", "myapp:app", "--memory-max", "lots"], "is not a size"),
+    (["--app", "myapp:app", "--cpu-quota", "0"], "is not a positive percentage"),
+    (["--app", "myapp:app", "--user", "Bad User"], "is not a valid user name"),
+    (["--app", "myapp:app", "--drain-timeout", "0"], "--drain-timeout 0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_and_writes_nothing(appdir: Path, args: list[str], message: str) -> None:
+    code, out = generate(*args, "--output", str(appdir / "out"))
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    assert message in out
+    assert "(fix: " in out
+    assert not (appdir / "out").exists()
+    assert [p.name for p in appdir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_python_without_clusterctl(appdir: Path) -> None:
+    system = shutil.which("python3", path="/usr/bin")
+    if system is None:
+        pytest.skip("no /usr/bin/python3")
+    code, out = generate("--app", "myapp:app", "--python", system, "--output", str(appdir / "out"))
+    assert code == 2
+    assert "cannot import clusterctl" in out and "pip install clusterctl" in out
+    assert not (appdir / "out").exists()
+
+
+@needs_analyze
+def test_verify_failure_leaves_nothing(appdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = gen.render
+
+    def broken(plan):  # a unit systemd-analyze must reject: a misspelt Type= value
+        files = real(plan)
+        files[f"{plan.name}@.service"] = files[f"{plan.name}@.service"].replace("Type=notify", "Type=notifyy")
+        return files
+
+    monkeypatch.setattr(gen, "render", broken)
+    code, out = generate("--app", "myapp:app", "--output", str(appdir / "out"))
+    assert code == 2
+    assert "Failed to parse service type" in out
+    assert not (appdir / "out").exists()
+
+
+# --- systemd-analyze verify over every layout -----------------------------------------------------
+
+@needs_analyze
+@pytest.mark.parametrize("balance", ["shared", "reuseport"])
+@pytest.mark.parametrize("listen", [["8000"], ["127.0.0.1:8000", "[::1]:8000"], ["unix:/run/web.sock"]])
+def test_every_layout_verifies(appdir: Path, balance: str, listen: list[str]) -> None:
+    plan = build_plan(app="myapp:app", name="web", workers="2", balance=balance, listen=listen,
+                      memory_max="1G", cpu_quota="50%", env=["A=1"], check=False)
+    gen.write(plan, appdir / "out")  # raises ClusterctlError if verify prints anything
+    assert (appdir / "out/web.target").exists()
+
+
+# --- units/ stays in step with the templates -------------------------------------------------------
+
+def test_units_dir_matches_templates(tmp_path: Path) -> None:
+    """units/hello is regenerated by the README's command; this fails if a template changed without it."""
+    code = CliRunner().invoke(cli, ["generate", *SAMPLE_ARGS, "--output", str(tmp_path / "hello"), "--no-verify"])
+    assert code.exit_code == 0, code.output
+    expected = {p.name: p.read_text() for p in (tmp_path / "hello").iterdir()}
+    actual = {p.name: p.read_text() for p in (REPO / "units/hello").iterdir()}
+    assert actual == expected, "units/hello is stale: run the README's 'regenerate units/' command"
+
+
+def test_error_type_is_user_facing() -> None:
+    err = ClusterctlError("bad thing", "do this")
+    assert str(err) == "bad thing (fix: do this)"
