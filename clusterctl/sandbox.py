@@ -315,11 +315,12 @@ def _running_pid(name: str) -> int | None:
 def pid(name: str) -> int:
     """Host pid of the running sandbox's PID 1; a ClusterctlError if it does not exist or is down."""
     if not state_dir(name).is_dir():
-        raise ClusterctlError(f"sandbox {name!r} does not exist", f"start it: clusterctl sandbox up --name {name}")
+        raise ClusterctlError(f"sandbox {name!r} does not exist",
+                              f"start it: clusterctl sandbox up --name {name}")
     found = _running_pid(name)
     if found is None:
         raise ClusterctlError(f"sandbox {name!r} is not running",
-                              f"start it again: clusterctl sandbox down {name}; clusterctl sandbox up --name {name}")
+                              f"clusterctl sandbox down {name}; clusterctl sandbox up --name {name}")
     return found
 
 
@@ -534,6 +535,18 @@ def _prepare(cfg: SandboxConfig) -> Path:
     return sd
 
 
+def _spawn_helper(args: list[str], logfile: Path) -> subprocess.Popen[bytes]:
+    """Start `python -m clusterctl.sandbox ARGS` detached (own session, cwd /, output to `logfile`), so
+    it outlives the caller and works from an installed package as well as from a checkout."""
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
+    with open(logfile, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "clusterctl.sandbox", *args],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                close_fds=True, env=env, cwd="/")
+
+
 def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str, str, bool] | str] = (), *,
        net: Net = "private", cgroup: CgroupLayout = "hybrid", unmask: Sequence[str] = (),
        wants: Sequence[str] = (), with_dbus: bool = False, timeout: float = 60.0,
@@ -568,14 +581,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
     except BaseException:
         down(name, missing_ok=True)
         raise
-    log = open(sd / "supervisor.log", "ab")  # noqa: SIM115 - handed to the detached child
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
-    child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
-    with log:
-        subprocess.Popen([sys.executable, "-m", "clusterctl.sandbox", "__supervise", name],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                         close_fds=True, env=child_env, cwd="/")
+    _spawn_helper(["__supervise", name], sd / "supervisor.log")
     deadline = t0 + timeout
     state = ""
     while time.monotonic() < deadline:
@@ -646,7 +652,8 @@ def down(name: str, *, keep: bool = False, missing_ok: bool = False) -> None:
     if not sd.is_dir():
         if missing_ok:
             return
-        raise ClusterctlError(f"sandbox {name!r} does not exist", "see the running ones: clusterctl sandbox ls")
+        raise ClusterctlError(f"sandbox {name!r} does not exist",
+                              "see the existing ones: clusterctl sandbox ls")
     pid1 = _running_pid(name)
     if pid1:
         os.kill(pid1, signal.SIGKILL)  # SIGKILL to a pid namespace's init kills every process in it
@@ -748,14 +755,8 @@ def forward(name: str, host_port: int, sandbox_port: int, *, host: str = "127.0.
                               f"stop it first: clusterctl sandbox unforward {name} {host_port}")
     ready = sd / f"forward-{int(host_port)}.ready"
     ready.unlink(missing_ok=True)
-    log = open(sd / f"forward-{int(host_port)}.log", "ab")  # noqa: SIM115 - handed to the detached child
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
-    child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
-    with log:
-        p = subprocess.Popen([sys.executable, "-m", "clusterctl.sandbox", "__forward", name, str(int(host_port)),
-                              str(int(sandbox_port)), host], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                             start_new_session=True, close_fds=True, env=child_env, cwd="/")
+    p = _spawn_helper(["__forward", name, str(int(host_port)), str(int(sandbox_port)), host],
+                      sd / f"forward-{int(host_port)}.log")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready.exists():

@@ -102,7 +102,7 @@ def ls_cmd() -> None:
 def forward_cmd(name: str, host_port: int, sandbox_port: int, host: str) -> None:
     """Expose sandbox NAME's 127.0.0.1:SANDBOX_PORT on the host's HOST:HOST_PORT (until down)."""
     fpid = sandbox.forward(name, host_port, sandbox_port, host=host)
-    click.echo(f"sandbox {name}: {host}:{host_port} -> sandbox 127.0.0.1:{sandbox_port} (forwarder pid {fpid})")
+    click.echo(f"sandbox {name}: {host}:{host_port} -> sandbox 127.0.0.1:{sandbox_port} (pid {fpid})")
 
 
 @sandbox_group.command("unforward")
