@@ -581,7 +581,9 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
     except BaseException:
         down(name, missing_ok=True)
         raise
-    _spawn_helper(["__supervise", name], sd / "supervisor.log")
+    # record the pid here too: a down() racing the helper's start-up must still find and stop it
+    supervisor = _spawn_helper(["__supervise", name], sd / "supervisor.log")
+    (sd / "supervisor.pid").write_text(str(supervisor.pid))
     deadline = t0 + timeout
     state = ""
     while time.monotonic() < deadline:
@@ -645,6 +647,13 @@ def _rm_cgroups(name: str) -> list[str]:
     return left
 
 
+def _kill_own(pid_text: str | None, marker: bytes) -> None:
+    """SIGKILL `pid_text` only if it is alive and its command line shows it is ours (pids get reused)."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if _alive(pid_text) and marker in Path(f"/proc/{pid_text}/cmdline").read_bytes():
+            os.kill(int(pid_text), signal.SIGKILL)  # type: ignore[arg-type]
+
+
 def down(name: str, *, keep: bool = False, missing_ok: bool = False) -> None:
     """Stop sandbox `name`: SIGKILL its PID 1 (ending the whole pid namespace) and its forwarders,
     remove its cgroups and, unless `keep`, its state dir (overlay included)."""
@@ -654,22 +663,24 @@ def down(name: str, *, keep: bool = False, missing_ok: bool = False) -> None:
             return
         raise ClusterctlError(f"sandbox {name!r} does not exist",
                               "see the existing ones: clusterctl sandbox ls")
+    supervisor = _readf(sd / "supervisor.pid")
     pid1 = _running_pid(name)
     if pid1:
-        os.kill(pid1, signal.SIGKILL)  # SIGKILL to a pid namespace's init kills every process in it
+        # SIGKILL to a pid namespace's init ends every process in it; unshare reaps it and exits, and
+        # then the supervisor, which removes the cgroups
+        os.kill(pid1, signal.SIGKILL)
     else:
-        # boot failed before systemd was exec'd: kill our own unshare (it has --kill-child=SIGKILL)
-        up_pid = _readf(sd / "unshare.pid")
-        with contextlib.suppress(OSError, ValueError):
-            if _alive(up_pid) and str(sd).encode() in Path(f"/proc/{up_pid}/cmdline").read_bytes():
-                os.kill(int(up_pid), signal.SIGKILL)  # type: ignore[arg-type]
+        # not booted (yet): stop the supervisor first so it cannot start anything after we looked,
+        # then unshare, in case the boot failed before systemd was exec'd
+        _kill_own(supervisor, b"__supervise")
+        _kill_own(_readf(sd / "unshare.pid"), str(sd).encode())
     for fwd in sd.glob("forward-*.pid"):
         _stop_forwarder(fwd)
-    supervisor = _readf(sd / "supervisor.pid")
     for _ in range(200):
-        if not _alive(supervisor) and not _running_pid(name):
+        if not _alive(supervisor) and not (pid1 and os.path.exists(f"/proc/{pid1}")):
             break
         time.sleep(0.025)
+    _kill_own(supervisor, b"__supervise")
     _kill_cgroup_procs(name)
     left = _rm_cgroups(name)
     still = [p for p in (supervisor, _readf(sd / "unshare.pid")) if _alive(p)]
@@ -774,10 +785,7 @@ def forward(name: str, host_port: int, sandbox_port: int, *, host: str = "127.0.
 
 
 def _stop_forwarder(pidfile: Path) -> None:
-    text = _readf(pidfile)
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        if _alive(text) and b"clusterctl.sandbox" in Path(f"/proc/{text}/cmdline").read_bytes():
-            os.kill(int(text), signal.SIGKILL)  # type: ignore[arg-type]
+    _kill_own(_readf(pidfile), b"__forward")
     pidfile.unlink(missing_ok=True)
 
 

@@ -62,8 +62,9 @@ class SandboxFactory:
         self.names: list[str] = []
         self.reaped = False
 
-    def __call__(self, tag: str, binds: Sequence[sb.Bind | tuple[str, str, bool] | str] | None = None,
-                 **kwargs: Any) -> sb.Sandbox:
+    def reap_once(self) -> None:
+        """Skip (or fail, under CLUSTERCTL_REQUIRE_SANDBOX=1) if this host cannot boot a sandbox; on the
+        first call, remove sandboxes left by crashed runs."""
         try:
             sb.check_host()
         except ClusterctlError as e:
@@ -73,6 +74,10 @@ class SandboxFactory:
         if not self.reaped:
             _reap_orphans()
             self.reaped = True
+
+    def __call__(self, tag: str, binds: Sequence[sb.Bind | tuple[str, str, bool] | str] | None = None,
+                 **kwargs: Any) -> sb.Sandbox:
+        self.reap_once()
         name = f"pytest-{os.getpid()}-{tag}"
         sb.down(name, missing_ok=True)  # a leftover of ours with the same name
         self.names.append(name)

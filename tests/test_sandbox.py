@@ -203,6 +203,32 @@ def test_two_sandboxes_same_port_then_down_leaves_nothing(sandbox_factory) -> No
     assert _http_get(boxes[1].connect(8200), "/who.txt").endswith(f"{boxes[1].name}\n".encode())
 
 
+def test_host_network_option(sandbox_factory) -> None:
+    box = sandbox_factory("hostnet", net="host")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    box.exec(["sh", "-c", "mkdir -p /srv/www && echo hostnet > /srv/www/who.txt"])
+    _install_http_unit(box, "sbtest-hostnet.service", port, "/srv/www")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)  # straight from the host
+    assert _http_get(sock, "/who.txt").endswith(b"hostnet\n")
+    box.down()
+
+
+def test_boot_failure_reports_console_and_keeps_state(sandbox_factory) -> None:
+    sandbox_factory.reap_once()
+    name = f"pytest-{os.getpid()}-fail"
+    try:
+        with pytest.raises(ClusterctlError, match="did not boot") as err:
+            sb.up(name, timeout=0.05, owner=os.getpid())
+        assert "console.log" in str(err.value) and "timeout" in (err.value.fix or "")
+        assert (sb.state_dir(name) / "masked.txt").exists()  # kept for inspection
+        assert not sb.is_running(name)
+    finally:
+        sb.down(name, missing_ok=True)
+    assert not sb.state_dir(name).exists()
+
+
 # ---------------------------------------------------------------------------------- error paths
 
 
