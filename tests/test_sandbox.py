@@ -285,3 +285,23 @@ def test_cli_errors_are_one_line(empty_base: Path) -> None:
     assert result.output.startswith("Error: sandbox 'nosuch' does not exist (fix: ")
     result = CliRunner().invoke(cli, ["sandbox", "up", "--name", "a/b"])
     assert result.exit_code == 2 and "bad sandbox name" in result.output
+
+
+def test_cli_up_exec_ls_down(sandbox_factory) -> None:
+    sandbox_factory.reap_once()
+    name = f"pytest-{os.getpid()}-cli"
+    runner = CliRunner()
+    try:
+        result = runner.invoke(cli, ["sandbox", "up", "--name", name, "--timeout", "30"])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"sandbox {name}: up in ") and "(pid " in result.output
+        assert runner.invoke(cli, ["sandbox", "exec", name, "--", "sh", "-c", "exit 3"]).exit_code == 3
+        assert runner.invoke(cli, ["sandbox", "exec", name, "systemctl", "is-active", "-q",
+                                   "systemd-journald"]).exit_code == 0
+        assert f"{name}\trunning pid {sb.pid(name)}" in runner.invoke(cli, ["sandbox", "ls"]).output
+        result = runner.invoke(cli, ["sandbox", "up", "--name", name])
+        assert result.exit_code == 2 and "already running" in result.output
+        assert runner.invoke(cli, ["sandbox", "down", name]).exit_code == 0
+        assert name not in runner.invoke(cli, ["sandbox", "ls"]).output
+    finally:
+        sb.down(name, missing_ok=True)
