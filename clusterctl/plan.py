@@ -92,6 +92,17 @@ class Plan:
         return self.drain_timeout + 5
 
 
+def socket_unit(name: str, balance: str, instance: int | str | None = None) -> str:
+    """The socket unit of a cluster, or of one instance (`%i` in templates; None: the template file).
+
+    Per-instance sockets are named NAME-listen@I.socket, not NAME@I.socket, so that
+    `systemctl restart 'NAME@*'` restarts the workers and never the sockets (a socket restart drops the
+    connections queued on it)."""
+    if balance == "shared":
+        return f"{name}.socket"
+    return f"{name}-listen@{'' if instance is None else instance}.socket"
+
+
 def parse_app(spec: str) -> str:
     if not APP_RE.match(spec):
         raise ClusterctlError(

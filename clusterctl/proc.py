@@ -10,7 +10,7 @@ import logging
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from clusterctl.errors import ClusterctlError, CommandError
 
@@ -62,3 +62,24 @@ def run(
         detail = ("; ".join(tail)) if tail else "no output"
         raise CommandError(f"{shlex.join(args)} exited {result.returncode}: {detail}")
     return result
+
+
+def stream(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Yield the stdout lines of a long-running command (journalctl -f) until it ends or the caller
+    stops iterating, then end the command."""
+    if isinstance(argv, str):
+        raise TypeError("stream() takes an argument list, not a shell string")
+    args = [str(a) for a in argv]
+    log.debug("stream: %s", shlex.join(args))
+    try:
+        child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=dict(env) if env is not None else None)
+    except FileNotFoundError as e:
+        raise CommandError(f"cannot run {shlex.join(args)}: {args[0]} not found",
+                           f"install {args[0]} or put it on PATH") from e
+    assert child.stdout is not None
+    try:
+        yield from child.stdout
+    finally:
+        if child.poll() is None:
+            child.terminate()
+        child.wait()

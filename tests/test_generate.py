@@ -89,12 +89,12 @@ def test_shared_layout(appdir: Path) -> None:
 def test_reuseport_layout(appdir: Path) -> None:
     plan = build_plan(app="myapp:app", name="web", workers="2", balance="reuseport", check=False)
     files = gen.render(plan)
-    assert sorted(files) == ["web.target", "web@.service", "web@.socket"]
-    assert "Service=web@%i.service\n" in files["web@.socket"]
-    assert "ReusePort=yes\n" in files["web@.socket"]
-    assert "Sockets=web@%i.socket\n" in files["web@.service"]
-    assert "Requires=web@%i.socket\n" in files["web@.service"]
-    assert "Wants=web@1.socket\nWants=web@2.socket\n" in files["web.target"]
+    assert sorted(files) == ["web-listen@.socket", "web.target", "web@.service"]
+    assert "Service=web@%i.service\n" in files["web-listen@.socket"]
+    assert "ReusePort=yes\n" in files["web-listen@.socket"]
+    assert "Sockets=web-listen@%i.socket\n" in files["web@.service"]
+    assert "Requires=web-listen@%i.socket\n" in files["web@.service"]
+    assert "Wants=web-listen@1.socket\nWants=web-listen@2.socket\n" in files["web.target"]
 
 
 def test_options_reach_the_units(appdir: Path) -> None:
@@ -146,7 +146,7 @@ def test_rerun_shows_diff_and_needs_force(appdir: Path) -> None:
     code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "3", "--balance", "reuseport", "--force")
     assert code == 0, out
     assert "removed" in out
-    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web.target", "web@.service", "web@.socket"]
+    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web-listen@.socket", "web.target", "web@.service"]
 
 
 BAD_INPUTS = [

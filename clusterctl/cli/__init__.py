@@ -42,6 +42,7 @@ def cli(debug: bool) -> None:
 def _register() -> None:
     # Imported here so each command module can import `cli` without a cycle.
     from clusterctl.cli import generate as _generate  # noqa: F401
+    from clusterctl.cli import ops as _ops  # noqa: F401
     from clusterctl.cli import sandbox as _sandbox  # noqa: F401
 
 

@@ -1,0 +1,514 @@
+"""Day-to-day operations on an installed cluster, PM2-style: install, status, rolling reload, scale, logs.
+
+Everything is thin over systemctl and journalctl through a `Systemd` (host, user manager or sandbox).
+The installed units are the source of truth: the worker count is the target's Wants= lines, the listen
+addresses are the socket's ListenStream= lines, and install keeps a manifest of the files it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clusterctl.errors import ClusterctlError, CommandError
+from clusterctl.plan import NAME_RE, socket_unit
+from clusterctl.systemd import Systemd
+
+Progress = Callable[[str], None]
+
+SERVICE_PROPS = ("Id", "MainPID", "LoadState", "ActiveState", "SubState", "Result", "NRestarts",
+                 "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic", "CPUUsageNSec",
+                 "MemoryCurrent", "StatusText", "ExecMainStatus")
+SOCKET_PROPS = ("Id", "ActiveState", "SubState", "Listen", "NAccepted", "NConnections")
+
+
+# --- what is installed ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Installed:
+    """An installed cluster, read back from its unit files."""
+
+    name: str
+    unit_dir: str
+    workers: int
+    balance: str
+    listen: tuple[str, ...]
+
+    @property
+    def instances(self) -> list[int]:
+        return list(range(1, self.workers + 1))
+
+    def service(self, i: int) -> str:
+        return f"{self.name}@{i}.service"
+
+    def socket(self, i: int) -> str:
+        return socket_unit(self.name, self.balance, i)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ClusterctlError(f"{name!r} is not a valid cluster name", "use the --name given to generate, e.g. hello")
+    return name
+
+
+def installed(sd: Systemd, name: str) -> Installed:
+    """Read the cluster's installed units, or say it is not installed."""
+    check_name(name)
+    unit_dir = sd.path(sd.unit_dir)
+    target = unit_dir / f"{name}.target"
+    if not target.is_file():
+        raise ClusterctlError(f"cluster {name!r} is not installed in {sd.where} ({sd.unit_dir}/{name}.target missing)",
+                              f"install it first: clusterctl install units/{name}")
+    wants = re.findall(rf"^Wants={re.escape(name)}@(\d+)\.service$", target.read_text(), re.M)
+    shared = unit_dir / f"{name}.socket"
+    balance = "shared" if shared.is_file() else "reuseport"
+    sock = shared if shared.is_file() else unit_dir / socket_unit(name, "reuseport")
+    listen = tuple(re.findall(r"^ListenStream=(.+)$", sock.read_text(), re.M)) if sock.is_file() else ()
+    return Installed(name, sd.unit_dir, len(wants), balance, listen)
+
+
+# --- install / uninstall ---------------------------------------------------------------------------
+
+def _manifest(sd: Systemd, name: str) -> Path:
+    return sd.path(sd.state_dir) / f"{name}.json"
+
+
+def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = False,
+            progress: Progress = print) -> list[str]:
+    """Copy a generated unit directory into the manager's unit dir, daemon-reload, enable/start the target."""
+    if not source.is_dir():
+        raise ClusterctlError(f"{source} is not a directory of generated units", "run clusterctl generate first")
+    targets = sorted(source.glob("*.target"))
+    if len(targets) != 1:
+        raise ClusterctlError(f"{source} should hold exactly one NAME.target, found {len(targets)}",
+                              "point install at one output directory of clusterctl generate")
+    name = check_name(targets[0].name.removesuffix(".target"))
+    files = sorted(p for p in source.iterdir()
+                   if p.is_file() and p.name.startswith((f"{name}.", f"{name}@.", f"{name}-listen@.")))
+    sd.require_root()
+    sd.check()
+    unit_dir = sd.path(sd.unit_dir)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        dest = unit_dir / f.name
+        tmp = dest.with_name(f".{f.name}.tmp")
+        tmp.write_text(f.read_text())
+        tmp.replace(dest)
+        written.append(f"{sd.unit_dir}/{f.name}")
+    manifest = _manifest(sd, name)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"name": name, "files": written, "unit_dir": sd.unit_dir}, indent=2) + "\n")
+    for w in written:
+        progress(f"installed {w}")
+    sd.systemctl("daemon-reload")
+    if enable:
+        sd.systemctl("enable", f"{name}.target")
+        progress(f"enabled {name}.target (starts at boot)")
+    if start:
+        start_cluster(sd, name, progress=progress)
+    return written
+
+
+def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
+    """Stop the cluster and remove exactly the files install wrote."""
+    check_name(name)
+    sd.require_root()
+    sd.check()
+    manifest = _manifest(sd, name)
+    if not manifest.is_file():
+        raise ClusterctlError(f"cluster {name!r} was not installed by clusterctl in {sd.where} (no {sd.state_dir}/{name}.json)",
+                              "check the name with `systemctl list-units '*.target'`")
+    files = json.loads(manifest.read_text())["files"]
+    sd.systemctl("disable", "--now", f"{name}.target", check=False)
+    units = [*sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.*"), *sd.list_units(socket_unit(name, "reuseport", "*"))]
+    if units:
+        sd.systemctl("stop", *units, check=False)
+    for f in files:
+        sd.path(f).unlink(missing_ok=True)
+        progress(f"removed {f}")
+    manifest.unlink()
+    sd.systemctl("daemon-reload")
+    if units:
+        sd.systemctl("reset-failed", *units, check=False)
+
+
+# --- start / stop -----------------------------------------------------------------------------------
+
+def start_cluster(sd: Systemd, name: str, *, timeout: float = 120, progress: Progress = print) -> None:
+    """Start the target; with Type=notify the start job finishes only once every instance is READY."""
+    inst = installed(sd, name)
+    t0 = time.monotonic()
+    try:
+        sd.systemctl("start", f"{name}.target", *[inst.service(i) for i in inst.instances], timeout=timeout)
+    except CommandError as e:
+        raise ClusterctlError(f"{name}: not every instance came up: {e.message}\n{_failing(sd, inst)}",
+                              f"see the worker's log: clusterctl logs {name} -n 50") from e
+    progress(f"{name}: {inst.workers}/{inst.workers} instances READY in {time.monotonic() - t0:.2f}s")
+
+
+def stop_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
+    """Stop the target, every instance (each drains first) and the socket(s)."""
+    installed(sd, name)
+    units = [f"{name}.target", *sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.socket"),
+             *sd.list_units(socket_unit(name, "reuseport", "*"))]
+    sd.systemctl("stop", *units)
+    progress(f"{name}: stopped")
+
+
+def _failing(sd: Systemd, inst: Installed) -> str:
+    rows = sd.show([inst.service(i) for i in inst.instances], ("Id", "ActiveState", "SubState", "Result"))
+    bad = [r for r in rows if r.get("ActiveState") != "active"]
+    lines = [f"  {r['Id']}: {r.get('ActiveState')}/{r.get('SubState')} ({r.get('Result')})" for r in bad]
+    for r in bad[:1]:
+        tail = sd.journalctl("-u", r["Id"], "-n", "8", "-o", "cat").strip()
+        lines += [f"  | {line}" for line in tail.splitlines()]
+    return "\n".join(lines)
+
+
+# --- status ------------------------------------------------------------------------------------------
+
+@dataclass
+class InstanceStatus:
+    instance: str
+    unit: str
+    pid: int
+    state: str
+    sub_state: str
+    uptime_s: float | None
+    restarts: int
+    cpu_s: float | None
+    cpu_pct: float | None
+    memory_bytes: int | None
+    requests: int | None
+    in_flight: int | None
+    errors: int | None
+    status_text: str
+    configured: bool
+
+
+@dataclass
+class ClusterStatus:
+    name: str
+    where: str
+    workers: int
+    balance: str
+    listen: list[str]
+    socket_state: str
+    instances: list[InstanceStatus] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def parse_status_text(text: str) -> tuple[int | None, int | None, int | None]:
+    """(requests served, in flight, errors) from the runtime's STATUS= line."""
+    def grab(*patterns: str) -> int | None:
+        for p in patterns:
+            m = re.search(p, text)
+            if m:
+                return int(m.group(1))
+        return None
+    return (grab(r"(\d+) (?:requests|served)", r"requests[=: ](\d+)", r"served[=: ](\d+)"),
+            grab(r"(\d+) in[ -]flight", r"in[_ -]?flight[=: ](\d+)"),
+            grab(r"(\d+) errors?", r"errors?[=: ](\d+)"))
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        v = int(value or "")
+    except ValueError:
+        return None
+    return None if v >= 2**63 - 1 or v < 0 else v  # systemd's "[not set]" is UINT64_MAX
+
+
+def _cpu_ticks(sd: Systemd, pid: int) -> float | None:
+    """CPU seconds of a process from /proc/PID/stat (CPUUsageNSec is unset under a hybrid cgroup tree)."""
+    try:
+        stat = sd.path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
+def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
+    """One row per instance from systemd's own accounting, plus the runtime's STATUS= counters."""
+    sd.check()
+    inst = installed(sd, name)
+    units = sorted(set(sd.list_units(f"{name}@*.service")) | {inst.service(i) for i in inst.instances},
+                   key=lambda u: (len(u), u))
+    rows = sd.show(units, SERVICE_PROPS)
+    sockets = sd.show(sorted({inst.socket(i) for i in inst.instances}), SOCKET_PROPS)
+    socket_state = ", ".join(f"{s.get('Id')} {s.get('ActiveState')}/{s.get('SubState')}" for s in sockets)
+    now = time.monotonic()
+    cpu0 = {r["Id"]: _cpu_ticks(sd, int(r.get("MainPID") or 0)) for r in rows if int(r.get("MainPID") or 0)}
+    if sample and cpu0:
+        time.sleep(sample)
+    out = ClusterStatus(name, sd.where, inst.workers, inst.balance, list(inst.listen), socket_state)
+    for r in rows:
+        pid = int(r.get("MainPID") or 0)
+        started = _int(r.get("ExecMainStartTimestampMonotonic"))
+        uptime = (now - started / 1e6) if started and pid else None
+        cpu_ns = _int(r.get("CPUUsageNSec"))
+        cpu_s = cpu_ns / 1e9 if cpu_ns is not None else cpu0.get(r["Id"])
+        pct = None
+        if pid and cpu0.get(r["Id"]) is not None and sample:
+            later = _cpu_ticks(sd, pid)
+            if later is not None:
+                pct = round(100.0 * (later - cpu0[r["Id"]]) / sample, 1)  # type: ignore[operator]
+        mem = _int(r.get("MemoryCurrent"))
+        if mem is None and pid:
+            try:
+                m = re.search(r"VmRSS:\s+(\d+) kB", sd.path(f"/proc/{pid}/status").read_text())
+                mem = int(m.group(1)) * 1024 if m else None
+            except OSError:
+                mem = None
+        text = r.get("StatusText", "")
+        req, fl, err = parse_status_text(text)
+        instance = r["Id"].removeprefix(f"{name}@").removesuffix(".service")
+        out.instances.append(InstanceStatus(
+            instance=instance, unit=r["Id"], pid=pid, state=r.get("ActiveState", "?"), sub_state=r.get("SubState", "?"),
+            uptime_s=round(uptime, 1) if uptime is not None else None, restarts=_int(r.get("NRestarts")) or 0,
+            cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
+            requests=req, in_flight=fl, errors=err, status_text=text,
+            configured=instance.isdigit() and int(instance) in inst.instances))
+    return out
+
+
+# --- readiness and health -----------------------------------------------------------------------------
+
+def _main_pid(sd: Systemd, unit: str) -> int:
+    row = sd.show([unit], ("MainPID",))
+    return int(row[0].get("MainPID") or 0) if row else 0
+
+
+def health_check(sd: Systemd, inst: Installed, path: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """GET path through the cluster's socket (the way clients come in); 2xx is healthy."""
+    if not inst.listen:
+        return False, "no listen address in the socket unit"
+    address = inst.listen[0]
+    try:
+        with sd.connect(address, timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as e:
+        return False, f"{address}: {e}"
+    line = data.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split()
+    ok = len(parts) >= 2 and parts[1].startswith("2")
+    return ok, line or "no response"
+
+
+def _wait_health(sd: Systemd, inst: Installed, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        ok, last = health_check(sd, inst, path)
+        if ok:
+            return
+        time.sleep(0.2)
+    raise ClusterctlError(f"health check GET {path} did not answer 2xx within {timeout:g}s (last: {last})", "")
+
+
+# --- rolling reload ------------------------------------------------------------------------------------
+
+def batch_size(spec: str, workers: int) -> int:
+    m = re.fullmatch(r"(\d+)(%?)", spec.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ClusterctlError(f"--batch {spec!r} is not a positive count or percentage", "e.g. --batch 1 or --batch 25%")
+    n = int(m.group(1))
+    size = math.ceil(workers * n / 100) if m.group(2) else n
+    return max(1, min(size, workers))
+
+
+def _restart(sd: Systemd, units: list[str], timeout: float) -> None:
+    sd.systemctl("restart", *units, timeout=timeout)
+
+
+def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, health_url: str | None = None,
+           timeout: float = 60.0, surge: bool = True, progress: Progress = print) -> None:
+    """Rolling deploy: restart instances batch by batch, each READY (and healthy) before the next.
+
+    With the shared socket a surge instance NAME@N+1 starts first on the new code: if it does not come
+    up, it is stopped and every instance is left untouched on the old code. Each `systemctl restart` of
+    a Type=notify unit returns only after the new process sent READY=1; the first batch that fails stops
+    the reload, leaving the instances after it on the old code.
+    """
+    sd.check()
+    inst = installed(sd, name)
+    size = batch_size(batch, inst.workers)
+    if health_url is not None and not health_url.startswith("/"):
+        raise ClusterctlError(f"--health-url {health_url!r} must be a path", "e.g. --health-url /health")
+    t0 = time.monotonic()
+    spare = inst.service(inst.workers + 1)
+    use_surge = surge and inst.balance == "shared"
+    if use_surge:
+        try:
+            sd.systemctl("start", spare, timeout=timeout)
+            if health_url:
+                _wait_health(sd, inst, health_url, timeout)
+        except (CommandError, ClusterctlError) as e:
+            why = _unit_failure(sd, spare)
+            sd.systemctl("stop", spare, check=False)
+            sd.systemctl("reset-failed", spare, check=False)
+            raise ClusterctlError(
+                f"{name}: the new code did not come up in {spare}: {why or e.message}; all {inst.workers} instances "
+                "still run the old code", f"fix the release, then reload again (clusterctl logs {name} --instance "
+                f"{inst.workers + 1})") from e
+        progress(f"{spare}: new code READY (surge instance, pid {_main_pid(sd, spare)})")
+    try:
+        done = 0
+        for k in range(0, inst.workers, size):
+            group = inst.instances[k:k + size]
+            units = [inst.service(i) for i in group]
+            before = {u: _main_pid(sd, u) for u in units}
+            t1 = time.monotonic()
+            try:
+                _restart(sd, units, timeout)
+                if health_url:
+                    _wait_health(sd, inst, health_url, timeout)
+            except (CommandError, ClusterctlError) as e:
+                failed = [u for u in units if _unit_failure(sd, u)]
+                rest = inst.instances[k + size:]
+                raise ClusterctlError(
+                    f"{name}: {', '.join(failed or units)} did not come up: "
+                    f"{_unit_failure(sd, (failed or units)[0]) or e.message}; {done} instance(s) run the new code"
+                    + (f", {', '.join(map(str, rest))} still run the old code" if rest else ""),
+                    f"fix the release and run `clusterctl reload {name}` again; see `clusterctl logs {name}`") from e
+            for u in units:
+                progress(f"{u}: pid {before[u]} -> {_main_pid(sd, u)}, READY in {time.monotonic() - t1:.2f}s")
+            done += len(units)
+            if pause and done < inst.workers:
+                time.sleep(pause)
+    finally:
+        if use_surge:
+            sd.systemctl("stop", spare, check=False)
+    progress(f"{name}: {inst.workers}/{inst.workers} instances on the new code in {time.monotonic() - t0:.2f}s")
+
+
+def _unit_failure(sd: Systemd, unit: str) -> str:
+    rows = sd.show([unit], ("ActiveState", "SubState", "Result"))
+    if not rows or rows[0].get("ActiveState") == "active":
+        return ""
+    r = rows[0]
+    tail = sd.journalctl("-u", unit, "-n", "3", "-o", "cat").strip().splitlines()
+    return f"{r.get('ActiveState')}/{r.get('SubState')} ({r.get('Result')})" + (f": {tail[-1]}" if tail else "")
+
+
+# --- scale ---------------------------------------------------------------------------------------------
+
+def parse_scale(spec: str, current: int) -> int:
+    m = re.fullmatch(r"([+-]?)(\d+)", spec.strip())
+    if not m:
+        raise ClusterctlError(f"scale {spec!r} is not N, +K or -K", "e.g. clusterctl scale hello 4, or +1, or -1")
+    n = int(m.group(2))
+    new = current + n if m.group(1) == "+" else current - n if m.group(1) == "-" else n
+    if not 1 <= new <= 1024:
+        raise ClusterctlError(f"scale {spec} would leave {new} workers", "keep between 1 and 1024 workers")
+    return new
+
+
+def _rewrite_target(sd: Systemd, inst: Installed, workers: int) -> None:
+    path = sd.path(inst.unit_dir) / f"{inst.name}.target"
+    lines = [ln for ln in path.read_text().splitlines()
+             if not re.fullmatch(rf"Wants={re.escape(inst.name)}(-listen)?@\d+\.(service|socket)", ln)]
+    at = next(i for i, ln in enumerate(lines) if ln.strip() == "[Install]")
+    while at > 0 and not lines[at - 1].strip():
+        at -= 1
+    wants = [f"Wants={inst.socket(i)}" for i in range(1, workers + 1)] if inst.balance == "reuseport" else []
+    wants += [f"Wants={inst.name}@{i}.service" for i in range(1, workers + 1)]
+    lines[at:at] = wants
+    text = "\n".join(lines) + "\n"
+    text = re.sub(r"^(Description=.*: )\d+( workers of .*)$", rf"\g<1>{workers}\g<2>", text, flags=re.M)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: Progress = print) -> int:
+    """Change the worker count now and for the next boot (the target's Wants=); scaling down drains."""
+    sd.require_root()
+    sd.check()
+    inst = installed(sd, name)
+    new = parse_scale(spec, inst.workers)
+    if new == inst.workers:
+        progress(f"{name}: already {new} workers")
+        return new
+    _rewrite_target(sd, inst, new)
+    sd.systemctl("daemon-reload")
+    if new > inst.workers:
+        units = [inst.service(i) for i in range(inst.workers + 1, new + 1)]
+        try:
+            sd.systemctl("start", *units, timeout=timeout)
+        except CommandError as e:
+            _rewrite_target(sd, installed(sd, name), inst.workers)
+            sd.systemctl("daemon-reload")
+            sd.systemctl("stop", *units, check=False)
+            raise ClusterctlError(f"{name}: new instances did not come up: {_unit_failure(sd, units[0]) or e.message}; "
+                                  f"kept {inst.workers} workers", f"see clusterctl logs {name}") from e
+        progress(f"{name}: started {', '.join(units)} (READY)")
+    else:
+        units = [inst.service(i) for i in range(new + 1, inst.workers + 1)]
+        sd.systemctl("stop", *units, timeout=timeout)  # SIGTERM: each drains its in-flight requests first
+        if inst.balance == "reuseport":
+            sd.systemctl("stop", *[inst.socket(i) for i in range(new + 1, inst.workers + 1)])
+        progress(f"{name}: drained and stopped {', '.join(units)}")
+    progress(f"{name}: {new} workers (was {inst.workers})")
+    return new
+
+
+# --- logs -------------------------------------------------------------------------------------------------
+
+LOG_FIELDS = ("METHOD", "PATH", "STATUS", "DURATION_MS", "BYTES", "INSTANCE")
+
+
+def logs(sd: Systemd, name: str, *, follow: bool = False, lines: int | None = 50, instance: str | None = None,
+         since: str | None = None, as_json: bool = False) -> Iterator[str]:
+    """Journal lines of every instance, merged in time order, each prefixed by its instance."""
+    check_name(name)
+    if instance is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", instance):
+        raise ClusterctlError(f"--instance {instance!r} is not an instance name", "e.g. --instance 2")
+    pattern = f"{name}@{instance}.service" if instance else f"{name}@*.service"
+    args = ["-u", pattern, "-o", "json", "--output-fields=" + ",".join(
+        ("MESSAGE", "_SYSTEMD_UNIT", "UNIT", "__REALTIME_TIMESTAMP", "_PID", "PRIORITY", *LOG_FIELDS))]
+    if lines is not None:
+        args += ["-n", str(lines)]
+    if since:
+        args += ["--since", since]
+    if follow:
+        source: Iterator[str] = sd.follow(*args, "-f")
+    else:
+        source = iter(sd.journalctl(*args).splitlines())
+    for raw in source:
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        unit = entry.get("_SYSTEMD_UNIT") or ""
+        msg = entry.get("MESSAGE")
+        if isinstance(msg, list):  # binary-safe form of a message with control characters
+            msg = bytes(msg).decode("utf-8", "replace")
+        if not unit.startswith(f"{name}@") and entry.get("UNIT"):  # systemd's own line about the unit
+            unit, msg = entry["UNIT"], f"systemd: {msg}"
+        inst_id = unit.removeprefix(f"{name}@").removesuffix(".service") or "?"
+        ts = int(entry.get("__REALTIME_TIMESTAMP", 0)) / 1e6
+        if as_json:
+            record = {"instance": inst_id, "unit": unit, "time": ts, "pid": entry.get("_PID"), "message": msg}
+            record.update({k.lower(): entry[k] for k in LOG_FIELDS if k in entry})
+            yield json.dumps(record)
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+            yield f"{inst_id:>3}|{name} {stamp} {msg}"

@@ -1,0 +1,197 @@
+"""End to end against a real systemd (PID 1 of a clusterctl sandbox) and real HTTP clients.
+
+Each layout gets its own cluster of the bundled example app in the session's sandbox; load comes from
+client threads inside the sandbox's network namespace (tests/loadgen.py), bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from clusterctl import generate as gen
+from clusterctl import ops
+from clusterctl import sandbox as sb
+from clusterctl.plan import build_plan
+from clusterctl.systemd import Systemd
+from tests.loadgen import Load, request
+
+REPO = Path(__file__).resolve().parent.parent
+WATCHDOG = 5  # seconds; /slow?seconds=1.5 blocks the loop well below it, /hang far above it
+
+
+@dataclass
+class Cluster:
+    name: str
+    port: int
+    balance: str
+    workers: int
+    sd: Systemd
+
+    @property
+    def sandbox(self) -> str:
+        assert self.sd.sandbox
+        return self.sd.sandbox
+
+    def get(self, path: str = "/") -> tuple[int, bytes]:
+        with sb.netns(self.sandbox):
+            return request(self.port, path)
+
+    def show(self, prop: str) -> list[str]:
+        rows = self.sd.show([f"{self.name}@{i}.service" for i in range(1, self.workers + 1)], (prop,))
+        return [r.get(prop, "") for r in rows]
+
+    def wait_all_active(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(s == "active" for s in self.show("ActiveState")):
+                return
+            time.sleep(0.1)
+        pytest.fail(f"{self.name}: not all instances active: {self.show('ActiveState')}")
+
+
+def install_cluster(sandbox: sb.Sandbox, out: Path, name: str, port: int, balance: str, workers: int = 2) -> Cluster:
+    plan = build_plan(app="examples.hello:app", name=name, workers=str(workers), listen=[f"127.0.0.1:{port}"],
+                      balance=balance, working_dir=str(REPO), python=sys.executable, watchdog_sec=WATCHDOG,
+                      check=True)
+    gen.write(plan, out)
+    sd = Systemd(sandbox=sandbox.name)
+    ops.install(sd, out, enable=True, start=True, progress=lambda m: None)
+    return Cluster(name, port, balance, workers, sd)
+
+
+@pytest.fixture(scope="module", params=["shared", "reuseport"])
+def cluster(request: pytest.FixtureRequest, sandbox: sb.Sandbox, tmp_path_factory: pytest.TempPathFactory):
+    balance = request.param
+    name = f"hello-{balance}"
+    c = install_cluster(sandbox, tmp_path_factory.mktemp(name), name, 8100 + len(balance), balance)
+    yield c
+    ops.uninstall(c.sd, c.name, progress=lambda m: None)
+
+
+def test_all_instances_ready_and_serving(cluster: Cluster, sandbox_host) -> None:
+    st = ops.status(cluster.sd, cluster.name)
+    assert [(i.instance, i.state, i.sub_state) for i in st.instances] == [
+        (str(i), "active", "running") for i in range(1, cluster.workers + 1)]
+    assert all(i.pid > 0 for i in st.instances)
+    assert cluster.get("/") == (200, b"Hello, world!\n")
+    # testinfra, answering from inside the sandbox
+    assert sandbox_host.service(f"{cluster.name}@1").is_running
+    assert sandbox_host.service(f"{cluster.name}.target").is_enabled
+    assert sandbox_host.socket(f"tcp://127.0.0.1:{cluster.port}").is_listening
+    unit = sandbox_host.file(f"/etc/systemd/system/{cluster.name}@.service")
+    assert unit.exists and unit.mode == 0o644 and "Type=notify" in unit.content_string
+    # our STATUS= line, as systemctl status shows it (the runtime sends it about once a second)
+    deadline = time.monotonic() + 5
+    out = ""
+    while time.monotonic() < deadline and "requests served" not in out:
+        out = cluster.sd.systemctl("status", f"{cluster.name}@1", check=False).stdout
+        time.sleep(0.2)
+    assert 'Status: "requests served' in out
+
+
+def test_rolling_restart_one_at_a_time_loses_nothing(cluster: Cluster) -> None:
+    pids = cluster.show("MainPID")
+    with Load(cluster.sandbox, cluster.port) as load:
+        for i in range(1, cluster.workers + 1):
+            cluster.sd.systemctl("restart", f"{cluster.name}@{i}.service")
+            load.wait_for(load.result.total + 20)
+    assert load.result.errors == []
+    assert load.result.ok >= 50
+    assert set(cluster.show("MainPID")).isdisjoint(pids)
+
+
+def test_restart_all_at_once_loses_nothing(cluster: Cluster) -> None:
+    pids = cluster.show("MainPID")
+    with Load(cluster.sandbox, cluster.port) as load:
+        cluster.sd.systemctl("reload-or-restart", f"{cluster.name}@*")
+        load.wait_for(load.result.total + 40)
+    assert load.result.errors == []
+    assert load.result.ok >= 50
+    assert set(cluster.show("MainPID")).isdisjoint(pids)
+
+
+def test_kill_9_is_replaced_and_loses_at_most_in_flight(cluster: Cluster) -> None:
+    unit = f"{cluster.name}@1.service"
+    victim = cluster.sd.show([unit], ("MainPID", "NRestarts"))[0]
+    with Load(cluster.sandbox, cluster.port, threads=4) as load:
+        cluster.sd.run(["kill", "-9", victim["MainPID"]])
+        load.wait_for(load.result.total + 100, timeout=15)
+    cluster.wait_all_active()
+    after = cluster.sd.show([unit], ("MainPID", "NRestarts", "ActiveState", "SubState"))[0]
+    assert after["MainPID"] != victim["MainPID"]
+    assert int(after["NRestarts"]) == int(victim["NRestarts"]) + 1
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running")  # READY: Type=notify
+    assert len(load.result.errors) <= 4, load.result.errors  # at most one in flight per client thread
+    assert load.result.ok >= 50
+
+
+def test_watchdog_kills_a_hung_worker(cluster: Cluster) -> None:
+    before = dict(zip(cluster.show("Id"), cluster.show("MainPID"), strict=True))
+    outcome: list[object] = []
+
+    def hang() -> None:
+        try:
+            outcome.append(cluster.get("/hang"))
+        except OSError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=hang, daemon=True)
+    t.start()
+    deadline = time.monotonic() + WATCHDOG + 15
+    changed: list[str] = []
+    while time.monotonic() < deadline and not changed:
+        now = dict(zip(cluster.show("Id"), cluster.show("MainPID"), strict=True))
+        changed = [u for u in before if now.get(u) not in (before[u], "0")]
+        time.sleep(0.2)
+    assert len(changed) == 1, "no hung worker was replaced"
+    t.join(timeout=5)
+    assert outcome and isinstance(outcome[0], OSError), outcome  # the hung request died with its worker
+    journal = cluster.sd.journalctl("-u", changed[0], "-o", "cat")
+    assert "Watchdog timeout" in journal
+    cluster.wait_all_active()
+    assert cluster.get("/") == (200, b"Hello, world!\n")
+
+
+def test_sigterm_drains_a_slow_request(cluster: Cluster) -> None:
+    result: list[object] = []
+
+    def slow() -> None:
+        try:
+            result.append(cluster.get("/slow?seconds=1.5"))
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=slow, daemon=True)
+    t.start()
+    time.sleep(0.4)  # the request is being served (its worker sleeps in the app)
+    t0 = time.monotonic()
+    cluster.sd.systemctl("restart", *[f"{cluster.name}@{i}.service" for i in range(1, cluster.workers + 1)])
+    t.join(timeout=10)
+    assert result == [(200, b"slept 1.5\n")]
+    assert time.monotonic() - t0 < 10
+
+
+def test_access_log_and_structured_fields_in_journal(cluster: Cluster) -> None:
+    probe = f"/probe-{cluster.balance}-{time.monotonic_ns()}"
+    assert cluster.get(probe)[0] == 404
+    deadline = time.monotonic() + 5
+    hits: list[dict] = []
+    while time.monotonic() < deadline and not hits:
+        out = cluster.sd.journalctl("-u", f"{cluster.name}@*", "-o", "json", "--since", "-60s")
+        hits = [e for e in map(json.loads, out.splitlines()) if probe in str(e.get("MESSAGE", ""))
+                or e.get("PATH") == probe]
+        time.sleep(0.2)
+    assert hits, "no journal entry for the request"
+    structured = [e for e in hits if e.get("PATH") == probe]
+    assert structured, hits
+    e = structured[0]
+    assert e["METHOD"] == "GET" and e["STATUS"] == "404"
+    assert e["_SYSTEMD_UNIT"].startswith(f"{cluster.name}@")
+    assert any(probe in str(h.get("MESSAGE", "")) and "404" in str(h.get("MESSAGE", "")) for h in hits)
