@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Literal
 
 from clusterctl import proc
-from clusterctl.errors import ClusterctlError
+from clusterctl.errors import ClusterctlError, CommandError
 
 SYSTEMD = "/lib/systemd/systemd"
 INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -582,16 +582,18 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
         down(name, missing_ok=True)
         raise
     # record the pid here too: a down() racing the helper's start-up must still find and stop it
-    supervisor = _spawn_helper(["__supervise", name], sd / "supervisor.log")
-    (sd / "supervisor.pid").write_text(str(supervisor.pid))
+    helper = _spawn_helper(["__supervise", name], sd / "supervisor.log")
+    (sd / "supervisor.pid").write_text(str(helper.pid))
     deadline = t0 + timeout
     state = ""
     while time.monotonic() < deadline:
         if (sd / "exit").exists():
             break
         if _running_pid(name):
-            r = exec(name, ["systemctl", "is-system-running"], check=False, timeout=10)
-            state = r.stdout.strip()
+            try:
+                state = exec(name, ["systemctl", "is-system-running"], check=False, timeout=10).stdout.strip()
+            except CommandError:  # a timeout while PID 1 is busy booting: ask again
+                continue
             if state in ("running", "degraded"):
                 dt = time.monotonic() - t0
                 (sd / "boot_seconds").write_text(f"{dt:.3f}")
@@ -599,15 +601,16 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
         time.sleep(0.05)
     failed = ""
     if _running_pid(name):
-        failed = exec(name, ["systemctl", "--failed", "--no-pager"], check=False, timeout=10).stdout
+        with contextlib.suppress(CommandError):
+            failed = exec(name, ["systemctl", "--failed", "--no-pager"], check=False, timeout=10).stdout
     console = (_readf(sd / "console.log", "") or "")[-3000:]
-    supervisor = (_readf(sd / "supervisor.log", "") or "")[-1000:]
+    sup_log = (_readf(sd / "supervisor.log", "") or "")[-1000:]
     down(name, keep=True, missing_ok=True)
     why = "timed out" if time.monotonic() >= deadline else "PID 1 exited"
     raise ClusterctlError(
         f"sandbox {name!r} did not boot ({why}, state={state!r})\n"
         f"--- console ({sd}/console.log) ---\n{console}\n--- systemctl --failed ---\n{failed}"
-        + (f"--- supervisor ---\n{supervisor}\n" if supervisor else ""),
+        + (f"--- supervisor ---\n{sup_log}\n" if sup_log else ""),
         f"read {sd}/console.log; raise --timeout if the machine is slow")
 
 
