@@ -1,0 +1,1040 @@
+"""Our HTTP/1.1 engine: httptools (llhttp, Node's parser) on an asyncio/uvloop protocol, calling WSGI inline.
+
+Two layers, kept apart so an ASGI adapter (issue 10) can reuse the first:
+
+* `HttpProtocol` owns the wire: parser callbacks, limits (414/431/413), timeouts (idle keep-alive,
+  slow headers, slow body, stalled writes), smuggling shapes (llhttp rejects CL+TE, duplicate CL,
+  obs-fold, bare LF, bad chunk sizes; we add Host and version checks), pipelining in order,
+  keep-alive, flow control in both directions, and a connection limit. A parse error answers 400 after
+  the requests already read and closes: nothing after it on that connection is ever processed.
+* `WsgiProtocol` turns one parsed request into a PEP 3333 call and frames the response
+  (Content-Length when known, chunked otherwise, HEAD/204/304 without a body, sendfile for
+  `wsgi.file_wrapper`).
+
+Lifecycle (signals, notify, drain deadline) lives in runtime.py; `Server` here only offers the hooks
+(`begin_drain`, `force_close`, counters) it needs. By default the app runs inline on the event loop:
+that is what makes it fast, and a blocked loop is what the systemd watchdog catches. `threads > 0`
+runs requests in a thread pool instead, for apps that block on I/O.
+
+Hot path notes (measured, see bench/RESULTS.md): the environ is a copy of a per-connection base dict,
+header names map to environ keys through a cache, response heads are cached per (status, headers) as
+bytes, the Date line is rebuilt once per second, and a response is one transport.write().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+log = logging.getLogger("clusterctl.engine")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+@dataclass(slots=True)
+class Limits:
+    """Per-request limits and per-connection timeouts (seconds). Defaults follow nginx/gunicorn."""
+
+    keepalive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_request_line: int = 8190
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_body_size: int = 16 * 1024 * 1024
+    max_connections: int = 2048
+
+
+# Connection phases, for timeouts (what we are waiting for from the client when not busy).
+IDLE, HEAD, BODY = 0, 1, 2
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+def _canned(code: int, close: bool = True, extra: str = "") -> bytes:
+    reason = _REASONS.get(code, "Error")
+    body = f"{code} {reason}\n".encode()
+    head = (f"HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\n{extra}" + ("connection: close\r\n" if close else "") + "\r\n")
+    return head.encode("latin-1") + body
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback: answer `status` and close the connection."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+# Request tuple handed from the HTTP layer to an adapter:
+# (method, target, headers[(lowercase name, value)], body, keep_alive, version, content_length_given)
+Request = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool, str, bool]
+
+
+class Server:
+    """State shared by all connections of one worker: limits, counters, clock, drain flag."""
+
+    def __init__(self, app: WSGIApp, loop: asyncio.AbstractEventLoop, limits: Limits | None = None, *,
+                 threads: int = 0, access_log: Callable[..., None] | None = None,
+                 server_header: str = "clusterctl") -> None:
+        self.app = app
+        self.loop = loop
+        self.limits = limits or Limits()
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="wsgi") if threads > 0 else None
+        self.access_log = access_log
+        self.server_header = server_header
+        self.connections: set[HttpProtocol] = set()
+        self.served = 0
+        self.errors = 0
+        self.in_flight = 0
+        self.rejected = 0
+        self.draining = False
+        self.clock = loop.time()
+        self._second = -1
+        self.date_line = b""
+        self.head_cache: dict[Any, Any] = {}
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.loop_thread = threading.get_ident()
+        self.recycle_at = -1  # served count at which on_recycle fires (--max-requests)
+        self.on_recycle: Callable[[], None] | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        lim = self.limits
+        self.tick_interval = max(0.02, min(1.0, lim.keepalive_timeout / 4, lim.header_timeout / 4,
+                                           lim.body_timeout / 4))
+        self._update_date()
+
+    def protocol(self) -> HttpProtocol:
+        return WsgiProtocol(self)
+
+    async def serve(self, socks: list[Any], backlog: int = 4096) -> None:
+        """Serve the given listening sockets (never re-bound; listen() only re-applies `backlog`)."""
+        for sock in socks:
+            if sock.family == socket.AF_UNIX:
+                srv = await self.loop.create_unix_server(self.protocol, sock=sock, backlog=backlog)
+            else:
+                srv = await self.loop.create_server(self.protocol, sock=sock, backlog=backlog)
+            self.listeners.append(srv)
+        self._tick()
+
+    # -- housekeeping: one timer per worker, not one per connection -------------------------------------
+    def _update_date(self) -> None:
+        now = time.time()
+        sec = int(now)
+        if sec != self._second:
+            self._second = sec
+            self.date_line = (f"date: {formatdate(now, usegmt=True)}\r\nserver: {self.server_header}\r\n"
+                              ).encode("latin-1")
+
+    def _tick(self) -> None:
+        self.clock = now = self.loop.time()
+        self._update_date()
+        lim = self.limits
+        for conn in list(self.connections):
+            conn.check_timeout(now, lim)
+        self._ticker = self.loop.call_later(self.tick_interval, self._tick)
+
+    # -- drain hooks for the runtime ----------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        for srv in self.listeners:
+            srv.close()
+
+    def begin_drain(self) -> None:
+        """Stop accepting; close idle keep-alive connections; busy ones close after their response."""
+        self.draining = True
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.drain()
+
+    def force_close(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+    def close(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        if self.executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class HttpProtocol(asyncio.Protocol):
+    """HTTP/1.1 wire protocol; subclasses implement `handle(request)` and call `finish()` when done."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.loop = server.loop
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Request] = deque()
+        self.busy = False
+        self.closed = False
+        self.stop_parsing = False     # after an error/upgrade/close: never look at further bytes
+        self.error: _Reject | None = None
+        self.write_paused = False
+        self.read_paused = False
+        self.running_queue = False
+        self.phase = HEAD
+        self.since = server.clock
+        self.got_bytes = False
+        self.head_carry = 0
+        self.in_head = False
+        self.continue_pending = False
+        self.lingering = False
+        self.writable = threading.Event()
+        self.writable.set()
+        lim = self.limits
+        self.head_limit = lim.max_request_line + lim.max_header_size + 1024
+        # per-message state
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.hsize = 0
+        self.body: list[bytes] = []
+        self.body_len = 0
+        self.cl_given = False
+        self.expect = b""
+        self.host_count = 0
+        self.te = False
+
+    # -- transport callbacks ------------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.transport = transport
+        server = self.server
+        server.connections.add(self)
+        if len(server.connections) > self.limits.max_connections:
+            server.rejected += 1
+            self.stop_parsing = True
+            transport.write(_canned(503, extra="retry-after: 1\r\n"))
+            self.close()
+            return
+        self.setup(transport)
+
+    def setup(self, transport: Any) -> None:
+        """Hook for adapters: per-connection state derived from the socket."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.stop_parsing = True
+        self.server.connections.discard(self)
+        self.writable.set()
+        self.on_lost()
+
+    def on_lost(self) -> None:
+        """Hook for adapters: the client went away (possibly mid-response)."""
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.writable.clear()
+        self.since = self.server.clock
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.writable.set()
+        self.on_writable()
+
+    def on_writable(self) -> None:
+        if not self.busy:
+            self.run_queue()
+
+    def data_received(self, data: bytes) -> None:
+        if self.stop_parsing:
+            return
+        self.got_bytes = True
+        if self.in_head:  # a head that began in an earlier read (on_message_begin resets the count)
+            self.head_carry += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # We speak plain HTTP/1.1 only: answer the request, ignore the upgrade, close after it.
+            self.stop_parsing = True
+            if self.queue:
+                self.queue[-1] = (*self.queue[-1][:4], False, *self.queue[-1][5:])  # type: ignore[assignment]
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            self._fail(ctx if isinstance(ctx, _Reject) else _Reject(400, str(ctx or e)))
+            return
+        except (httptools.HttpParserError, httptools.HttpParserInvalidMethodError,
+                httptools.HttpParserInvalidURLError) as e:
+            self._fail(_Reject(400, str(e)))
+            return
+        if self.in_head and self.head_carry > self.head_limit:
+            # llhttp buffers an unfinished header line without calling us: bound it here.
+            self._fail(_Reject(431, "request head too large"))
+            return
+        if len(self.queue) > 16 and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        if not self.busy:
+            self.run_queue()
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: answer what was read (run_queue closes after), then close.
+        self.stop_parsing = True
+        if (not self.busy and not self.queue) or self.lingering:
+            return None
+        return True
+
+    # -- parser callbacks ---------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.hsize = 0
+        self.body = []
+        self.body_len = 0
+        self.cl_given = False
+        self.expect = b""
+        self.host_count = 0
+        self.te = False
+        self.in_head = True
+        self.head_carry = 0
+        self.got_bytes = True
+        self.phase = HEAD
+        self.since = self.server.clock
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_request_line:
+            raise _Reject(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hsize += len(name) + len(value) + 4
+        lname = name.lower()
+        headers = self.headers
+        headers.append((lname, value))
+        if self.hsize > self.limits.max_header_size or len(headers) > self.limits.max_headers:
+            raise _Reject(431, "request headers too large")
+        if lname in _SPECIAL:
+            if lname == b"host":
+                self.host_count += 1
+            elif lname == b"content-length":
+                self.cl_given = True
+                if not value.isdigit():
+                    raise _Reject(400, "invalid Content-Length")
+                if int(value) > self.limits.max_body_size:
+                    raise _Reject(413, "body larger than --max-body-size")
+            elif lname == b"expect":
+                self.expect = value.lower()
+            elif lname == b"transfer-encoding":
+                self.te = True
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.phase = BODY
+        self.since = self.server.clock
+        version = self.parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":
+                raise _Reject(505 if version[:1] > "1" else 400, f"HTTP/{version} not supported")
+            if self.te:
+                raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+        elif self.host_count != 1:
+            raise _Reject(400, "HTTP/1.1 request needs exactly one Host header")
+        if self.host_count > 1:
+            raise _Reject(400, "more than one Host header")
+        if self.expect:
+            if self.expect != b"100-continue":
+                raise _Reject(417, "unsupported Expect")
+            if version == "1.1" and (self.cl_given or self.te):
+                if self.busy or self.queue:
+                    self.continue_pending = True
+                else:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_len += len(body)
+        if self.body_len > self.limits.max_body_size:
+            raise _Reject(413, "body larger than --max-body-size")
+        self.body.append(body)
+        self.since = self.server.clock
+
+    def on_message_complete(self) -> None:
+        body = self.body
+        self.queue.append((
+            self.parser.get_method(), self.url, self.headers,
+            body[0] if len(body) == 1 else b"".join(body),
+            self.parser.should_keep_alive(), self.parser.get_http_version(), self.cl_given,
+        ))
+        self.in_head = False
+        self.continue_pending = False
+        self.phase = IDLE
+        self.since = self.server.clock
+
+    # -- request sequencing ----------------------------------------------------------------------------------
+    def run_queue(self) -> None:
+        """Answer queued requests in order while nothing is in progress and the client keeps reading."""
+        if self.running_queue:
+            return
+        self.running_queue = True
+        try:
+            queue = self.queue
+            while queue and not self.busy and not self.closed and not self.write_paused:
+                req = queue.popleft()
+                keep = req[4]
+                if self.server.draining and not queue:
+                    keep = False
+                self.busy = True
+                self.server.in_flight += 1
+                self.handle(req, keep)
+        finally:
+            self.running_queue = False
+        if self.busy or self.closed or self.write_paused or self.queue:
+            return
+        if self.error is not None:
+            self._send_error()
+        elif self.stop_parsing:
+            self.close()
+        else:
+            if self.read_paused:
+                self.read_paused = False
+                self.transport.resume_reading()
+            if self.continue_pending:
+                self.continue_pending = False
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def handle(self, req: Request, keep_alive: bool) -> None:
+        raise NotImplementedError
+
+    def finish(self, keep_alive: bool) -> None:
+        """The adapter's response is complete (called on the loop thread)."""
+        self.busy = False
+        self.server.in_flight -= 1
+        server = self.server
+        server.served += 1
+        if server.served == server.recycle_at and server.on_recycle is not None:
+            server.on_recycle()
+        if not keep_alive or (self.server.draining and not self.queue and self.phase == IDLE):
+            self.queue.clear()
+            self.stop_parsing = True
+            self.close()
+            return
+        if self.phase == IDLE:
+            self.since = self.server.clock
+        if not self.running_queue:
+            self.run_queue()
+
+    # -- errors, timeouts, drain ------------------------------------------------------------------------------
+    def _fail(self, err: _Reject) -> None:
+        self.stop_parsing = True
+        self.error = err
+        if not self.busy and not self.queue:
+            self._send_error()
+        elif not self.busy:
+            self.run_queue()
+
+    def _send_error(self) -> None:
+        err = self.error
+        if err is None or self.closed:
+            return
+        self.error = None
+        self.server.errors += 1
+        log.debug("rejecting request: %d %s", err.status, err)
+        self.transport.write(_canned(err.status))
+        self.linger()
+
+    def linger(self) -> None:
+        """Close after an error without losing the error response to a TCP reset.
+
+        Closing with unread request bytes in the kernel buffer makes Linux send RST, and the client may
+        then drop our response unread. So: send FIN (write_eof), discard what still arrives, and close
+        when the client does or after a second (nginx's lingering close).
+        """
+        self.stop_parsing = True
+        self.lingering = True
+        self.phase = IDLE
+        self.since = self.server.clock
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                return
+        except (OSError, RuntimeError):
+            pass
+        self.close()
+
+    def check_timeout(self, now: float, lim: Limits) -> None:
+        if self.lingering:
+            if now - self.since > 1.0:
+                self.close()
+            return
+        if self.write_paused:
+            if now - self.since > lim.body_timeout:
+                self.abort()
+            return
+        if self.busy or self.closed:
+            return
+        phase = self.phase
+        if self.server.draining and phase == HEAD and not self.got_bytes and now - self.since > 1.0:
+            self.close()  # a connection that never sent anything does not hold up the drain
+            return
+        if phase == IDLE:
+            if self.queue:
+                return
+            if now - self.since > lim.keepalive_timeout:
+                self.close()
+        elif phase == HEAD:
+            if now - self.since > lim.header_timeout:
+                if self.got_bytes:
+                    self._fail(_Reject(408, "request head not received in time"))
+                else:
+                    self.close()
+        elif now - self.since > lim.body_timeout:
+            self._fail(_Reject(408, "request body not received in time"))
+
+    def drain(self) -> None:
+        """Called once when the worker starts draining."""
+        if not self.busy and not self.queue and self.phase == IDLE and self.got_bytes:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stop_parsing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.stop_parsing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+_SPECIAL = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WSGI adapter
+# ---------------------------------------------------------------------------------------------------------
+
+class FileWrapper:
+    """`wsgi.file_wrapper`: recognised by the server and sent with os.sendfile when it wraps a real file."""
+
+    def __init__(self, filelike: Any, blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> FileWrapper:
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+_ENV_KEYS: dict[bytes, str | None] = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
+_METHODS: dict[bytes, str] = {}
+_NO_BODY_CODES = frozenset((204, 304))
+# Hop-by-hop or framing headers an app must not set (PEP 3333); we frame responses ourselves.
+_HEAD_KIND: dict[str, int] = {}
+_K_PLAIN, _K_CL, _K_CONN, _K_DROP, _K_DATE = 0, 1, 2, 3, 4
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+# Framing of a response body.
+_F_NONE, _F_LENGTH, _F_CHUNKED, _F_CLOSE = 0, 1, 2, 3
+
+
+def _env_key(name: bytes) -> str | None:
+    key = _ENV_KEYS.get(name, "")
+    if key != "":
+        return key
+    # Names with "_" are dropped: X_Forwarded_For must not alias X-Forwarded-For (header spoofing).
+    key = None if b"_" in name else "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+    if len(_ENV_KEYS) < 4096:
+        _ENV_KEYS[name] = key
+    return key
+
+
+def _head_kind(name: str) -> int:
+    kind = _HEAD_KIND.get(name)
+    if kind is None:
+        if not name or any(c not in _TOKEN for c in name.encode("latin-1", "replace")):
+            raise ValueError(f"invalid response header name {name!r}")
+        low = name.lower()
+        kind = {"content-length": _K_CL, "connection": _K_CONN, "transfer-encoding": _K_DROP,
+                "keep-alive": _K_DROP, "date": _K_DATE}.get(low, _K_PLAIN)
+        if len(_HEAD_KIND) < 4096:
+            _HEAD_KIND[name] = kind
+    return kind
+
+
+class WsgiProtocol(HttpProtocol):
+    """PEP 3333 on top of HttpProtocol. One response at a time per connection, in request order."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        self.app = server.app
+        self.threaded = server.executor is not None
+        self.base_env: dict[str, Any] = {}
+        self.start_response = self._start_response
+        self.write_cb = self._write_legacy
+        self.status: str | None = None
+        self.resp_headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.framing = _F_NONE
+        self.remaining = -1
+        self.resp_bytes = 0
+        self.resp_iter: Any = None
+        self.resp_result: Any = None
+        self.keep = True
+        self.is_head = False
+        self.t0 = 0.0
+        self.req_line = ""
+        self.version = "1.1"
+        self.send: Callable[[bytes], None] = self._send_direct
+        self.code = 0
+        self.sf: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def setup(self, transport: Any) -> None:
+        sockname = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        if isinstance(sockname, tuple):
+            server_name, server_port = str(sockname[0]), str(sockname[1])
+        else:
+            server_name, server_port = "localhost", "0"
+        remote_addr, remote_port = (str(peer[0]), str(peer[1])) if isinstance(peer, tuple) else ("", "")
+        self.base_env = {
+            "SERVER_NAME": server_name, "SERVER_PORT": server_port, "REMOTE_ADDR": remote_addr,
+            "REMOTE_PORT": remote_port, "SCRIPT_NAME": "", "SERVER_SOFTWARE": "clusterctl",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": self.threaded, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
+        }
+        if self.threaded:
+            self.send = self._send_threadsafe
+
+    # -- environ ----------------------------------------------------------------------------------------
+    def build_environ(self, req: Request) -> dict[str, Any]:
+        method, target, headers, body, _keep, version, cl_given = req
+        env = self.base_env.copy()
+        m = _METHODS.get(method)
+        if m is None:
+            m = method.decode("ascii")
+            if len(_METHODS) < 64:
+                _METHODS[method] = m
+        env["REQUEST_METHOD"] = m
+        env["SERVER_PROTOCOL"] = "HTTP/1.1" if version == "1.1" else "HTTP/1.0"
+        path, _, query = target.partition(b"?")
+        if path[:1] != b"/":
+            if path == b"*":
+                path = b""
+            else:  # absolute-form: http://host/path
+                _, _, rest = path.partition(b"://")
+                _, slash, p = rest.partition(b"/")
+                path = slash + p if slash else b"/"
+        if b"#" in query:
+            query = query.partition(b"#")[0]
+        elif not query and b"#" in path:
+            path = path.partition(b"#")[0]
+        env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        env["QUERY_STRING"] = query.decode("latin-1")
+        env["RAW_URI"] = target.decode("latin-1")
+        for name, value in headers:
+            key = _ENV_KEYS.get(name, "") if name in _ENV_KEYS else _env_key(name)
+            if key is None:
+                continue
+            v = value.decode("latin-1")
+            if key in env:
+                env[key] += ("; " if key == "HTTP_COOKIE" else ",") + v
+            else:
+                env[key] = v
+        if body or cl_given:
+            env["CONTENT_LENGTH"] = str(len(body))
+        env["wsgi.input"] = io.BytesIO(body)
+        return env
+
+    # -- request handling ---------------------------------------------------------------------------------
+    def handle(self, req: Request, keep_alive: bool) -> None:
+        try:
+            env = self.build_environ(req)
+        except Exception:
+            log.exception("cannot build environ")
+            self.server.errors += 1
+            self.send(_canned(400))
+            self.finish(False)
+            return
+        self.status = None
+        self.head_sent = False
+        self.resp_bytes = 0
+        self.keep = keep_alive
+        self.version = req[5]
+        self.is_head = req[0] == b"HEAD"
+        if self.server.access_log is not None:
+            self.t0 = time.perf_counter()
+            self.req_line = f"{env['REQUEST_METHOD']} {env['RAW_URI']} {env['SERVER_PROTOCOL']}"
+        if self.threaded:
+            self.server.executor.submit(self._run_threaded, env)  # type: ignore[union-attr]
+        else:
+            self._run(env)
+
+    def _run_threaded(self, env: dict[str, Any]) -> None:
+        try:
+            self._run(env)
+        except BaseException:  # never let a worker thread die silently
+            log.exception("request thread failed")
+
+    def _start_response(self, status: str, headers: list[tuple[str, str]],
+                        exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+            raise ValueError(f"invalid WSGI status {status!r}")
+        self.status = status
+        self.resp_headers = headers
+        return self.write_cb
+
+    def _run(self, env: dict[str, Any]) -> None:
+        try:
+            result = self.app(env, self.start_response)
+        except Exception:
+            self._app_error(None)
+            return
+        self.resp_result = result
+        try:
+            rtype = type(result)
+            if (rtype is list or rtype is tuple) and not self.head_sent:
+                # Common case: the whole body is known; frame it with Content-Length, write it in one go.
+                if self.status is None:
+                    raise RuntimeError("app returned without calling start_response()")
+                body = result[0] if len(result) == 1 else b"".join(result)
+                if type(body) is not bytes:
+                    raise TypeError(f"response body must be bytes, not {type(body).__name__}")
+                self.send(self._head(len(body)) + (b"" if self.framing == _F_NONE else self._frame(body)))
+                self._done()
+                return
+            if rtype is FileWrapper and not self.threaded and self._try_sendfile(result):
+                return
+            self.resp_iter = iter(result)
+        except Exception:
+            self._app_error(result)
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send body chunks until the iterable ends or the client stops reading (then resume later).
+
+        The head waits for the first non-empty chunk (PEP 3333) and is then sent at once, chunked when
+        the length is unknown: peeking further would delay streamed responses. HEAD iterates the body
+        (discarding it) so it can report the same Content-Length a GET would get.
+        """
+        it = self.resp_iter
+        try:
+            if self.is_head and not self.head_sent:
+                total = 0
+                for chunk in it:
+                    if type(chunk) is not bytes:
+                        raise TypeError(f"response chunks must be bytes, not {type(chunk).__name__}")
+                    total += len(chunk)
+                    if self.head_sent:
+                        break
+                if not self.head_sent:
+                    if self.status is None:
+                        raise RuntimeError("app returned without calling start_response()")
+                    self.send(self._head(total))
+            for chunk in it:
+                if self.closed:
+                    break
+                if not chunk:
+                    if type(chunk) is not bytes:
+                        raise TypeError(f"response chunks must be bytes, not {type(chunk).__name__}")
+                    continue
+                if not self.head_sent:
+                    if self.status is None:
+                        raise RuntimeError("app yielded a body before calling start_response()")
+                    self.send(self._head(None))
+                if type(chunk) is not bytes:
+                    raise TypeError(f"response chunks must be bytes, not {type(chunk).__name__}")
+                if self.framing != _F_NONE:
+                    self.send(self._frame(chunk))
+                if self.write_paused and not self.threaded:
+                    return  # resume_writing -> on_writable -> _pump
+        except Exception:
+            self._app_error(self.resp_result)
+            return
+        self.resp_iter = None
+        try:
+            if not self.head_sent and not self.closed:
+                if self.status is None:
+                    raise RuntimeError("app returned without calling start_response()")
+                self.send(self._head(0))
+            elif self.framing == _F_CHUNKED and not self.closed:
+                self.send(b"0\r\n\r\n")
+        except Exception:
+            self._app_error(self.resp_result)
+            return
+        self._done()
+
+    def on_writable(self) -> None:
+        if self.threaded:
+            if not self.busy:
+                self.run_queue()
+        elif self.resp_iter is _SENDFILE and self.busy:
+            self._sendfile_step()
+        elif self.resp_iter is not None and self.busy:
+            self._pump()
+        elif not self.busy:
+            self.run_queue()
+
+    def on_lost(self) -> None:
+        if self.busy and not self.threaded and self.resp_iter is not None:
+            self.resp_iter = None
+            self._close_result(self.resp_result)
+            self.resp_result = None
+            self.busy = False
+            self.server.in_flight -= 1
+
+    # -- response framing -------------------------------------------------------------------------------
+    def _head(self, body_len: int | None) -> bytes:
+        """Response head bytes; decides framing. `body_len` is the whole body's size when known."""
+        status = self.status
+        headers = self.resp_headers
+        key = (status, tuple(headers))
+        cached = self.server.head_cache.get(key)
+        if cached is None:
+            cached = self._compile_head(status, headers)  # type: ignore[arg-type]
+            cache = self.server.head_cache
+            if len(cache) > 512:
+                cache.clear()
+            cache[key] = cached
+        prefix, code, app_cl, app_close, has_date = cached
+        keep = self.keep and not app_close and not (self.server.draining and not self.queue)
+        parts = [prefix, self.server.date_line if not has_date else
+                 f"server: {self.server.server_header}\r\n".encode()]
+        if code < 200 or code in _NO_BODY_CODES:
+            framing = _F_NONE
+        elif app_cl is not None:
+            framing = _F_LENGTH
+            self.remaining = app_cl
+        elif body_len is not None:
+            framing = _F_LENGTH
+            self.remaining = body_len
+            parts.append(b"content-length: %d\r\n" % body_len)
+        elif self.version == "1.1":
+            framing = _F_CHUNKED
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            framing = _F_CLOSE
+            keep = False
+        if self.is_head:
+            framing = _F_NONE
+        if not keep:
+            parts.append(b"connection: close\r\n\r\n")
+        elif self.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self.keep = keep
+        self.framing = framing
+        self.head_sent = True
+        self.code = code
+        return b"".join(parts)
+
+    @staticmethod
+    def _compile_head(status: str, headers: list[tuple[str, str]]) -> tuple[bytes, int, int | None, bool, bool]:
+        code = int(status[:3])
+        out = ["HTTP/1.1 ", status, "\r\n"]
+        app_cl: int | None = None
+        app_close = has_date = False
+        for name, value in headers:
+            if type(name) is not str or type(value) is not str:
+                raise TypeError(f"response header {name!r}: {value!r} must be str")
+            kind = _head_kind(name)
+            if "\n" in value or "\r" in value or "\x00" in value:
+                raise ValueError(f"response header {name!r} contains a line break")
+            if kind == _K_CL:
+                app_cl = int(value)
+            elif kind == _K_CONN:
+                app_close = "close" in value.lower()
+                continue
+            elif kind == _K_DROP:
+                continue
+            elif kind == _K_DATE:
+                has_date = True
+            out += (name, ": ", value, "\r\n")
+        if "\n" in status or "\r" in status:
+            raise ValueError("status contains a line break")
+        return "".join(out).encode("latin-1"), code, app_cl, app_close, has_date
+
+    def _frame(self, chunk: bytes) -> bytes:
+        framing = self.framing
+        if framing == _F_LENGTH:
+            n = len(chunk)
+            if n > self.remaining:  # app wrote more than its Content-Length: truncate, then close
+                chunk = chunk[: self.remaining]
+                n = self.remaining
+                self.keep = False
+            self.remaining -= n
+            self.resp_bytes += n
+            return chunk
+        if framing == _F_CHUNKED:
+            self.resp_bytes += len(chunk)
+            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        if framing == _F_CLOSE:
+            self.resp_bytes += len(chunk)
+            return chunk
+        return b""
+
+    def _write_legacy(self, data: bytes) -> None:
+        """The write() callable returned by start_response (PEP 3333's imperative API)."""
+        if type(data) is not bytes:
+            raise TypeError("write() takes bytes")
+        if not self.head_sent:
+            self.send(self._head(None))
+        if data and self.framing != _F_NONE:
+            self.send(self._frame(data))
+
+    # -- sending ------------------------------------------------------------------------------------------
+    def _send_direct(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def _send_threadsafe(self, data: bytes) -> None:
+        if threading.get_ident() == self.server.loop_thread:
+            self._send_direct(data)
+            return
+        self.writable.wait(self.limits.body_timeout)
+        if not self.closed:
+            self.loop.call_soon_threadsafe(self._send_direct, data)
+
+    def _try_sendfile(self, wrapper: FileWrapper) -> bool:
+        """Send a real file with os.sendfile (zero copy); False if it is not a plain file."""
+        f = wrapper.filelike
+        try:
+            fd = f.fileno()
+            st = os.fstat(fd)
+            offset = f.tell()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        size = max(0, st.st_size - offset)
+        if self.status is None:
+            raise RuntimeError("app returned without calling start_response()")
+        head = self._head(size)
+        count = min(size, self.remaining) if self.framing == _F_LENGTH else 0
+        if self.framing == _F_LENGTH and count < self.remaining:
+            self.keep = False  # file shorter than the app's Content-Length: the client must see EOF
+        self.send(head)
+        self.resp_bytes += count
+        if self.framing == _F_LENGTH:
+            self.remaining -= count
+        self.sf = (sock.fileno(), fd, offset, offset + count)
+        self.resp_iter = None
+        self._sendfile_step()
+        return True
+
+    def _sendfile_step(self) -> None:
+        sock_fd, fd, pos, end = self.sf
+        while pos < end and not self.closed:
+            if self.transport.get_write_buffer_size():
+                # Earlier bytes still queued in the transport: keep order by going through it.
+                chunk = os.pread(fd, min(end - pos, 262144), pos)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                self.transport.write(chunk)
+                if self.write_paused:
+                    self.sf = (sock_fd, fd, pos, end)
+                    self.resp_iter = _SENDFILE
+                    return
+                continue
+            try:
+                sent = os.sendfile(sock_fd, fd, pos, end - pos)
+            except BlockingIOError:
+                sent = -1
+            except OSError:
+                self.abort()
+                break
+            if sent == 0:
+                break
+            if sent < 0:
+                # Socket full: one buffered block makes the transport tell us when it drains.
+                chunk = os.pread(fd, min(end - pos, 262144), pos)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                self.transport.write(chunk)
+                if self.write_paused:
+                    self.sf = (sock_fd, fd, pos, end)
+                    self.resp_iter = _SENDFILE
+                    return
+            else:
+                pos += sent
+        self.resp_iter = None
+        self._done()
+
+    # -- completion ---------------------------------------------------------------------------------------
+    def _close_result(self, result: Any) -> None:
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("error closing the app's response iterable")
+
+    def _done(self) -> None:
+        result = self.resp_result
+        self.resp_result = None
+        if result is not None and type(result) is not list and type(result) is not tuple:
+            self._close_result(result)
+        keep = self.keep
+        if self.framing == _F_LENGTH and self.remaining > 0:
+            keep = False  # app sent less than its Content-Length: only closing keeps the framing honest
+        if self.server.access_log is not None:
+            self.server.access_log(self, self.code, self.resp_bytes)
+        if self.threaded and threading.get_ident() != self.server.loop_thread:
+            self.loop.call_soon_threadsafe(self.finish, keep)
+        else:
+            self.finish(keep)
+
+    def _app_error(self, result: Any) -> None:
+        log.exception("error in WSGI app handling %s", getattr(self, "req_line", "") or "a request")
+        self.server.errors += 1
+        self.resp_iter = None
+        if result is not None:
+            self._close_result(result)
+        self.resp_result = None
+        self.code = 500
+        self.resp_bytes = 0
+        if not self.head_sent:
+            self.send(_canned(500, close=not self.keep))
+            keep = self.keep
+        else:
+            keep = False  # half a response is on the wire: only closing tells the client
+        if self.server.access_log is not None:
+            self.server.access_log(self, 500, 0)
+        if self.threaded and threading.get_ident() != self.server.loop_thread:
+            self.loop.call_soon_threadsafe(self.finish, keep)
+        else:
+            self.finish(keep)
+
+
+_SENDFILE = object()

@@ -1,0 +1,259 @@
+"""Worker lifecycle: the one room for signals, notify, drain and recycling (like gunicorn's arbiter).
+
+Order of events, and why:
+1. take the sockets first (listen_fds unsets LISTEN_*, so nothing the app spawns inherits them);
+2. import the app with the working directory on sys.path (WorkingDirectory= in the unit);
+3. serve the sockets, then READY=1: `systemctl restart` returns on READY, so a rolling reload only
+   moves on once this worker really answers;
+4. STATUS= once a second, WATCHDOG=1 from the event loop itself (a blocked loop stops pinging and
+   systemd kills it);
+5. SIGTERM/SIGINT: STOPPING=1, stop accepting, let in-flight and already-read requests finish, close
+   idle keep-alive connections, exit 0; a second signal or --drain-timeout force-closes and exits 1.
+   --max-requests takes the same path and exits 0 (the unit's Restart= brings a fresh process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from clusterctl import notify
+from clusterctl.engine import Limits, Server, WSGIApp
+from clusterctl.errors import ClusterctlError
+from clusterctl.worker import WorkerConfig
+
+log = logging.getLogger("clusterctl.worker")
+
+
+def load_app(spec: str) -> WSGIApp:
+    """Import MODULE:CALLABLE (CALLABLE defaults to `app`), the current directory first on sys.path."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if not module_name:
+        raise ClusterctlError(f"--app {spec!r} names no module", "write it as MODULE:CALLABLE, e.g. myapp:app")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ClusterctlError(
+                f"cannot import module {module_name!r} from {cwd}",
+                "run from the project directory (WorkingDirectory= in the unit) or fix --app") from e
+        raise ClusterctlError(f"importing {module_name!r} failed: {e}",
+                              "install the missing dependency into the app's environment") from e
+    except Exception as e:
+        traceback.print_exc()
+        raise ClusterctlError(f"importing {module_name!r} raised {type(e).__name__}: {e}",
+                              "fix the error in the app (traceback above)") from e
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ClusterctlError(f"module {module_name!r} has no attribute {attr!r}",
+                                  "point --app at the WSGI callable, e.g. myapp:app") from e
+    if not callable(obj):
+        raise ClusterctlError(f"{spec} is not callable", "point --app at the WSGI callable")
+    return obj
+
+
+def take_sockets(cfg: WorkerConfig) -> list[Any]:
+    """Sockets from systemd, else from --bind, else a clear error saying how to get some."""
+    socks = notify.listen_fds()
+    if cfg.bind:
+        if socks:
+            log.warning("ignoring --bind: systemd passed %d socket(s)", len(socks))
+        else:
+            socks = [notify.bind(addr, cfg.backlog) for addr in cfg.bind]
+    if not socks:
+        raise ClusterctlError("no listening sockets: systemd passed none (LISTEN_FDS unset) and no --bind",
+                              notify.NO_SOCKETS_FIX)
+    return socks
+
+
+class AccessLog:
+    """Access log lines to stdout (batched, flushed once per loop turn) or structured journal entries."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cfg: WorkerConfig, journal: bool) -> None:
+        self.loop = loop
+        self.buf: list[str] = []
+        self.scheduled = False
+        self.instance = cfg.instance
+        self.name = cfg.name
+        self.send = None
+        if journal:
+            from systemd import journal as _journal
+
+            self.send = _journal.send
+
+    def __call__(self, proto: Any, status: int, nbytes: int) -> None:
+        ms = (time.perf_counter() - proto.t0) * 1000.0
+        env = proto.base_env
+        line = f'{env["REMOTE_ADDR"] or "-"} "{proto.req_line}" {status} {nbytes} {ms:.1f}ms'
+        if self.send is not None:
+            method, _, rest = proto.req_line.partition(" ")
+            self.send(line, METHOD=method, PATH=rest.rpartition(" ")[0], STATUS=str(status),
+                      DURATION_MS=f"{ms:.3f}", BYTES=str(nbytes), INSTANCE=self.instance,
+                      CLUSTERCTL_NAME=self.name, SYSLOG_IDENTIFIER=f"{self.name}@{self.instance}")
+            return
+        self.buf.append(line + "\n")
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.buf:
+            data = "".join(self.buf)
+            self.buf.clear()
+            try:
+                sys.stdout.write(data)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class Runtime:
+    """One worker process: serves, reports to systemd, drains on signals."""
+
+    def __init__(self, cfg: WorkerConfig, app: WSGIApp, socks: list[Any]) -> None:
+        self.cfg = cfg
+        self.app = app
+        self.socks = socks
+        self.loop = self._new_loop(cfg.loop)
+        limits = Limits(
+            keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
+            body_timeout=cfg.body_timeout, max_request_line=cfg.max_request_line,
+            max_header_size=cfg.max_header_size, max_headers=cfg.max_headers,
+            max_body_size=cfg.max_body_size, max_connections=cfg.max_connections)
+        self.access = (AccessLog(self.loop, cfg, journal=cfg.journal and notify.under_systemd())
+                       if cfg.access_log else None)
+        self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
+        if cfg.max_requests > 0:
+            self.server.recycle_at = cfg.max_requests + random.randint(0, max(0, cfg.max_requests_jitter))
+            self.server.on_recycle = self.recycle
+        self.done: asyncio.Future[int] = self.loop.create_future()
+        self.draining = False
+        self.deadline = 0.0
+        self.last_status = ""
+        self.notifying = notify.enabled()
+
+    @staticmethod
+    def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+        if kind == "uvloop":
+            import uvloop
+
+            return uvloop.new_event_loop()
+        if kind == "asyncio":
+            return asyncio.new_event_loop()
+        raise ClusterctlError(f"unknown --loop {kind!r}", "use uvloop or asyncio")
+
+    def run(self) -> int:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self.server.serve(self.socks, self.cfg.backlog))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.on_signal, sig)
+            where = ", ".join(notify.describe(s) for s in self.socks)
+            log.info("serving %s on %s (pid %d)", self.cfg.app, where, os.getpid())
+            notify.notify(ready=True, status=f"serving {self.cfg.app} on {where}")
+            if self.notifying:
+                loop.call_later(1.0, self._status)
+            interval = notify.watchdog_interval()
+            if interval:
+                self._watchdog(interval)
+            code = loop.run_until_complete(self.done)
+        finally:
+            if self.access is not None:
+                self.access.flush()
+            self.server.close()
+            loop.close()
+        log.info("exiting with %d", code)
+        return code
+
+    # -- periodic notify ---------------------------------------------------------------------------------
+    def _status(self) -> None:
+        s = self.server
+        state = "draining, " if self.draining else ""
+        text = (f"{state}requests served {s.served}, in flight {s.in_flight}, errors {s.errors}, "
+                f"connections {len(s.connections)}")
+        if text != self.last_status:
+            self.last_status = text
+            notify.notify(status=text)
+        self.loop.call_later(1.0, self._status)
+
+    def _watchdog(self, interval: float) -> None:
+        notify.notify(watchdog=True)
+        self.loop.call_later(interval, self._watchdog, interval)
+
+    # -- shutdown: signals, recycling, deadline -----------------------------------------------------------
+    def on_signal(self, sig: int) -> None:
+        if self.draining:
+            log.warning("second %s: closing %d connection(s) now", signal.Signals(sig).name,
+                        len(self.server.connections))
+            self._finish(1)
+            return
+        self.drain(f"{signal.Signals(sig).name}")
+
+    def recycle(self) -> None:
+        if not self.draining:
+            self.drain(f"recycling after {self.server.served} requests")
+
+    def drain(self, why: str) -> None:
+        self.draining = True
+        self.deadline = self.loop.time() + self.cfg.drain_timeout
+        s = self.server
+        log.info("%s: draining %d in flight, %d connection(s)", why, s.in_flight, len(s.connections))
+        notify.notify(stopping=True, status=f"draining ({why}): {s.in_flight} in flight")
+        s.begin_drain()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.done.done():
+            return
+        s = self.server
+        if not s.connections and s.in_flight <= 0:
+            self._finish(0)
+        elif self.loop.time() >= self.deadline:
+            log.warning("drain timeout: closing %d connection(s), %d request(s) in flight",
+                        len(s.connections), s.in_flight)
+            self._finish(1)
+        else:
+            self.loop.call_later(0.02, self._check_drained)
+
+    def _finish(self, code: int) -> None:
+        if code:
+            self.server.force_close()
+        if not self.done.done():
+            self.done.set_result(code)
+
+
+def run(cfg: WorkerConfig) -> int:
+    """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if cfg.instance:
+        os.environ["CLUSTERCTL_INSTANCE"] = cfg.instance
+    os.environ["CLUSTERCTL_NAME"] = cfg.name
+    import clusterctl.worker as worker_api  # the module apps import, even when we run as __main__
+
+    worker_api.instance = cfg.instance
+    worker_api.name = cfg.name
+    socks = take_sockets(cfg)
+    try:
+        app = load_app(cfg.app)
+        return Runtime(cfg, app, socks).run()
+    finally:
+        for sock in socks:
+            sock.close()

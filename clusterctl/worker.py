@@ -1,0 +1,108 @@
+"""`python -m clusterctl.worker`: the process systemd starts for each instance, and the app-facing API.
+
+Apps may import `instance` (the systemd instance name, `%i`) and `name` to tell workers apart. This
+module stays cheap to import (argparse and os only): the worker starts on every restart, and
+`clusterctl run` shares its option table through `OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The systemd instance of this worker (`%i`, e.g. "1"), or "" outside a template unit.
+instance: str = os.environ.get("CLUSTERCTL_INSTANCE", "")
+#: The cluster's name (`--name`), or "".
+name: str = os.environ.get("CLUSTERCTL_NAME", "")
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    """Everything a worker needs, parsed from the command line (ExecStart=) or `clusterctl run`."""
+
+    app: str
+    name: str = "clusterctl"
+    instance: str = ""
+    bind: list[str] = field(default_factory=list)
+    drain_timeout: float = 25.0
+    threads: int = 0
+    access_log: bool = True
+    journal: bool = True
+    keepalive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_request_line: int = 8190
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_body_size: int = 16 * 1024 * 1024
+    max_connections: int = 2048
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    backlog: int = 4096
+    loop: str = "uvloop"
+
+
+# (flag, dest, type, help). Booleans are --X/--no-X pairs. Defaults come from WorkerConfig.
+OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--app", "app", str, "WSGI app as MODULE:CALLABLE (imported with the working directory on sys.path)"),
+    ("--name", "name", str, "cluster name, for logs and journal fields"),
+    ("--instance", "instance", str, "systemd instance (%%i); also $CLUSTERCTL_INSTANCE"),
+    ("--bind", "bind", list, "listen on ADDR yourself (host:port, [v6]:port, unix:/path); repeatable; "
+                             "for local development without systemd"),
+    ("--drain-timeout", "drain_timeout", float, "seconds to finish in-flight requests after SIGTERM"),
+    ("--threads", "threads", int, "run requests in a pool of N threads (0: inline on the event loop)"),
+    ("--access-log", "access_log", bool, "access log lines (stdout, or the journal under systemd)"),
+    ("--journal", "journal", bool, "under systemd, send access logs as structured journal entries"),
+    ("--keepalive-timeout", "keepalive_timeout", float, "close idle keep-alive connections after S seconds"),
+    ("--header-timeout", "header_timeout", float, "seconds allowed to receive a request head (slowloris)"),
+    ("--body-timeout", "body_timeout", float, "seconds allowed between body reads / stalled writes"),
+    ("--max-request-line", "max_request_line", int, "longest request target in bytes (414 above)"),
+    ("--max-header-size", "max_header_size", int, "largest total header size in bytes (431 above)"),
+    ("--max-headers", "max_headers", int, "most request headers (431 above)"),
+    ("--max-body-size", "max_body_size", int, "largest request body in bytes (413 above)"),
+    ("--max-connections", "max_connections", int, "open connections per worker (503 above)"),
+    ("--max-requests", "max_requests", int, "drain and exit 0 after N requests (systemd restarts it; 0: never)"),
+    ("--max-requests-jitter", "max_requests_jitter", int, "add 0..N to --max-requests so workers differ"),
+    ("--backlog", "backlog", int, "listen backlog re-applied to the socket (match the unit's Backlog=)"),
+    ("--loop", "loop", str, "event loop: uvloop (default) or asyncio"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerConfig:
+    defaults = WorkerConfig(app="")
+    parser = argparse.ArgumentParser(prog="python -m clusterctl.worker",
+                                     description="Serve a WSGI app on the sockets systemd passes.")
+    for flag, dest, typ, text in OPTIONS:
+        default = getattr(defaults, dest)
+        if typ is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                                help=text)
+        elif typ is list:
+            parser.add_argument(flag, dest=dest, action="append", default=[], metavar="ADDR", help=text)
+        else:
+            parser.add_argument(flag, dest=dest, type=typ, default=default, required=dest == "app",
+                                help=text + (f" (default {default})" if dest != "app" else ""))
+    ns = parser.parse_args(argv)
+    cfg = WorkerConfig(**vars(ns))
+    if not cfg.instance:
+        cfg.instance = os.environ.get("CLUSTERCTL_INSTANCE", "")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    from clusterctl import runtime
+    from clusterctl.errors import ClusterctlError
+
+    try:
+        return runtime.run(cfg)
+    except ClusterctlError as e:
+        print(f"clusterctl worker: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

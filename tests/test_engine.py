@@ -1,0 +1,562 @@
+"""The HTTP engine over real sockets: a corpus of valid and hostile requests, WSGI semantics, limits.
+
+Each test runs the engine on uvloop in a background thread with small limits and timeouts, talks to it
+with raw bytes, and asserts the exact status (or a close), then that the server still answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from wsgiref.validate import validator
+
+import pytest
+import uvloop
+
+from clusterctl.engine import Limits, Server
+
+pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
+
+SMALL = Limits(keepalive_timeout=0.2, header_timeout=0.3, body_timeout=0.3, max_request_line=200,
+               max_header_size=1024, max_headers=20, max_body_size=10_000, max_connections=50)
+
+
+class Engine:
+    """An engine serving `app` on 127.0.0.1:<port> from a thread; records the paths the app saw."""
+
+    def __init__(self, app: Callable[..., Any], limits: Limits = SMALL, threads: int = 0,
+                 validate: bool = True) -> None:
+        self.seen: list[str] = []
+        self.errors_logged = 0
+
+        def recording(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            self.seen.append(environ["PATH_INFO"])
+            return app(environ, start_response)
+
+        self.app = validator(recording) if validate else recording
+        self.limits = limits
+        self.threads = threads
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.loop = uvloop.new_event_loop()
+        self.server: Server | None = None
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = Server(self.app, self.loop, limits, threads=threads)
+            self.loop.run_until_complete(self.server.serve([self.sock]))
+            ready.set()
+            self.loop.run_forever()
+            self.server.force_close()
+            self.server.close()
+            self.loop.run_until_complete(asyncio.sleep(0.01))
+            self.loop.close()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert ready.wait(5)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=3)
+        return s
+
+
+@pytest.fixture
+def engine() -> Iterator[Callable[..., Engine]]:
+    started: list[Engine] = []
+
+    def start(app: Callable[..., Any] | None = None, **kw: Any) -> Engine:
+        e = Engine(app or echo_app, **kw)
+        started.append(e)
+        return e
+
+    yield start
+    for e in started:
+        e.stop()
+
+
+# -- apps -----------------------------------------------------------------------------------------------
+
+def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    info = (f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} q={environ['QUERY_STRING']} "
+            f"cl={environ.get('CONTENT_LENGTH', '')} x={environ.get('HTTP_X_A', '')} "
+            f"proto={environ['SERVER_PROTOCOL']}\n").encode()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [info + body]
+
+
+# -- a tiny HTTP/1.1 client that reads exactly one response at a time ---------------------------------------
+
+class Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.f = sock.makefile("rb")
+
+    def response(self, head: bool = False) -> tuple[int, dict[str, str], bytes]:
+        line = self.f.readline()
+        if not line:
+            raise ConnectionError("closed")
+        status = int(line.split()[1])
+        headers: dict[str, str] = {}
+        while True:
+            h = self.f.readline()
+            if h in (b"\r\n", b""):
+                break
+            k, _, v = h.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if head or status in (100, 204, 304):
+            return status, headers, b""
+        if "content-length" in headers:
+            return status, headers, self.f.read(int(headers["content-length"]))
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self.f.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.f.readline()
+                    return status, headers, body
+                body += self.f.read(size)
+                assert self.f.read(2) == b"\r\n"
+        return status, headers, self.f.read()
+
+    def closed(self) -> bool:
+        try:
+            return self.f.read(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return False
+
+
+def exchange(e: Engine, data: bytes, n: int = 1, head: bool = False) -> tuple[list[int], list[bytes], bool]:
+    """Send raw bytes, read n responses, then report whether the server closed the connection."""
+    with e.connect() as s:
+        s.sendall(data)
+        r = Reader(s)
+        statuses, bodies = [], []
+        for _ in range(n):
+            st, _, body = r.response(head=head)
+            statuses.append(st)
+            bodies.append(body)
+        s.settimeout(2)
+        closed = r.closed()
+    return statuses, bodies, closed
+
+
+def still_serves(e: Engine) -> None:
+    st, bodies, _ = exchange(e, b"GET /alive HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert st == [200] and bodies[0].startswith(b"GET /alive")
+
+
+# -- valid requests ------------------------------------------------------------------------------------
+
+VALID = [
+    (b"GET /p?x=1 HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /p q=x=1 cl= x= proto=HTTP/1.1"),
+    (b"GET /a%20b HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /a b q="),
+    (b"GET http://example.com/abs?q HTTP/1.1\r\nHost: example.com\r\n\r\n", b"GET /abs q=q"),
+    (b"GET /v10 HTTP/1.0\r\n\r\n", b"GET /v10 q= cl= x= proto=HTTP/1.0"),
+    (b"POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", b"POST /cl q= cl=5 x= proto=HTTP/1.1\nhello"),
+    (b"POST /ch HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+     b"POST /ch q= cl=5 x= proto=HTTP/1.1\nabcde"),
+    (b"GET /m HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\n\r\n", b"GET /m q= cl= x=1,2"),
+    (b"GET /u HTTP/1.1\r\nHost: a\r\nX_A: spoof\r\n\r\n", b"GET /u q= cl= x= "),
+    (b"OPTIONS /o HTTP/1.1\r\nHost: a\r\n\r\n", b"OPTIONS /o"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expect"), VALID, ids=[v[0][:24].decode() for v in VALID])
+def test_valid_requests(engine: Callable[..., Engine], raw: bytes, expect: bytes) -> None:
+    e = engine()
+    st, bodies, _ = exchange(e, raw)
+    assert st == [200]
+    assert bodies[0].startswith(expect), bodies[0]
+
+
+def test_http10_keepalive_and_default_close(engine: Callable[..., Engine]) -> None:
+    e = engine(validate=False)  # the validator hides the body length; 1.0 keep-alive needs it
+    with e.connect() as s:
+        s.sendall(b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        r = Reader(s)
+        st, h, _ = r.response()
+        assert st == 200 and h["connection"] == "keep-alive"
+        s.sendall(b"GET /2 HTTP/1.0\r\n\r\n")
+        st, h, _ = r.response()
+        assert st == 200 and h["connection"] == "close"
+        assert r.closed()
+
+
+def test_pipelining_answers_in_order(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    reqs = b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(40))
+    st, bodies, _ = exchange(e, reqs + b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", n=41)
+    assert st == [200] * 41
+    assert [b.split()[1] for b in bodies] == [b"/%d" % i for i in range(40)] + [b"/last"]
+
+
+# -- malformed requests: 400 (or the exact status) and close, never a request after it ------------------------
+
+MALFORMED = [
+    ("cl+te", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("dup-cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
+    ("bare-lf", b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    ("bare-lf-header", b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n", 400),
+    ("bad-chunk-size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    ("chunk-overflow", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\n", 400),
+    ("chunk-bare-lf", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n", 400),
+    ("te-gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    ("te-chunked-not-last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+    ("te-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("neg-cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    ("plus-cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\na", 400),
+    ("space-before-colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    ("nul-in-header", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+    ("ctl-in-target", b"GET /a\x01 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("no-host-1.1", b"GET / HTTP/1.1\r\n\r\n", 400),
+    ("two-hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("garbage", b"HELLO\r\n\r\n", 400),
+    ("bad-method", b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("http09", b"GET /\r\n\r\n", 400),
+    ("http2-version", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    ("expect-unknown", b"POST / HTTP/1.1\r\nHost: a\r\nExpect: foo\r\nContent-Length: 1\r\n\r\na", 417),
+    ("long-target", b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    ("big-headers", b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-B: " + b"b" * 1100 + b"\r\n\r\n", 431),
+    ("many-headers", b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(25)) + b"\r\n",
+     431),
+    ("cl-too-big", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10001\r\n\r\n", 413),
+    ("chunked-too-big", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+     + b"1000\r\n" + b"x" * 4096 + b"\r\n" + b"1000\r\n" + b"x" * 4096 + b"\r\n" + b"1000\r\n" + b"x" * 4096,
+     413),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "status"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_is_rejected_and_closed(engine: Callable[..., Engine], name: str, raw: bytes,
+                                          status: int) -> None:
+    e = engine()
+    # A valid request first, the bad one, then a request that must never reach the app.
+    first = b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+    after = b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n"
+    st, _, closed = exchange(e, first + raw + after, n=2)
+    assert st == [200, status]
+    assert closed
+    assert "/after" not in e.seen
+    still_serves(e)
+
+
+def test_huge_single_header_without_end_is_431(engine: Callable[..., Engine]) -> None:
+    # One header line that never ends: the parser would buffer it; the head byte budget stops it.
+    e = engine()
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        try:
+            for _ in range(20):
+                s.sendall(b"y" * 1024)
+                time.sleep(0.005)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        r = Reader(s)
+        assert r.response()[0] == 431
+    still_serves(e)
+
+
+# -- timeouts -------------------------------------------------------------------------------------------
+
+def test_idle_keepalive_is_closed(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = Reader(s)
+        assert r.response()[0] == 200
+        t0 = time.monotonic()
+        assert r.closed()
+        assert 0.15 < time.monotonic() - t0 < 2.0
+
+
+def test_slowloris_head_gets_408(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        t0 = time.monotonic()
+        r = Reader(s)
+        assert r.response()[0] == 408
+        assert r.closed()
+        assert time.monotonic() - t0 < 2.0
+    still_serves(e)
+
+
+def test_slow_body_gets_408(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    with e.connect() as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        r = Reader(s)
+        assert r.response()[0] == 408
+        assert r.closed()
+    assert e.seen == []
+
+
+def test_silent_connection_is_closed(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    with e.connect() as s:
+        s.settimeout(3)
+        assert s.recv(100) == b""
+
+
+def test_connection_limit_503(engine: Callable[..., Engine]) -> None:
+    e = engine(limits=Limits(max_connections=2))
+    a, b = e.connect(), e.connect()
+    try:
+        time.sleep(0.1)
+        with e.connect() as c:
+            st, _, _ = Reader(c).response()
+            assert st == 503
+    finally:
+        a.close()
+        b.close()
+    time.sleep(0.1)
+    still_serves(e)
+
+
+# -- WSGI semantics ---------------------------------------------------------------------------------------
+
+def test_head_has_length_but_no_body(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    with e.connect() as s:
+        s.sendall(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        r = Reader(s)
+        st, h, _ = r.response(head=True)
+        assert st == 200 and int(h["content-length"]) > 0
+        st, _, body = r.response()  # the next response starts right after the head: no stray body bytes
+        assert st == 200 and body.startswith(b"GET /g")
+
+
+def stream_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b""
+    for i in range(3):
+        yield b"part%d;" % i
+
+
+def test_streaming_is_chunked_on_11_and_close_delimited_on_10(engine: Callable[..., Engine]) -> None:
+    e = engine(stream_app)
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        st, h, body = Reader(s).response()
+        assert h["transfer-encoding"] == "chunked" and body == b"part0;part1;part2;"
+    st, bodies, closed = exchange(e, b"GET / HTTP/1.0\r\n\r\n")
+    assert st == [200] and bodies == [b"part0;part1;part2;"] and closed
+
+
+def test_app_content_length_is_honoured(engine: Callable[..., Engine]) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+        yield b"abc"
+        yield b"def"
+
+    e = engine(app)
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = Reader(s)
+        for _ in range(2):
+            st, h, body = r.response()
+            assert st == 200 and body == b"abcdef" and "transfer-encoding" not in h
+
+
+def test_204_has_no_body_and_keeps_alive(engine: Callable[..., Engine]) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("204 No Content", [])
+        return []
+
+    e = engine(app)
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = Reader(s)
+        assert r.response()[0] == 204
+        st, h, _ = r.response()
+        assert st == 204 and "content-length" not in h and "transfer-encoding" not in h
+
+
+def test_expect_100_continue(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    with e.connect() as s:
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        r = Reader(s)
+        assert r.response()[0] == 100  # before we sent the body
+        s.sendall(b"data")
+        st, _, body = r.response()
+        assert st == 200 and body.endswith(b"\ndata")
+
+
+def test_expect_100_too_big_gets_413_without_continue(engine: Callable[..., Engine]) -> None:
+    e = engine()
+    st, _, closed = exchange(e, b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n")
+    assert st == [413] and closed
+
+
+def test_wsgi_input_length_semantics(engine: Callable[..., Engine]) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        inp = environ["wsgi.input"]
+        line = inp.readline()
+        rest = inp.read(100)
+        more = inp.read()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%s|%s|%s|%s" % (line, rest, more, environ["CONTENT_LENGTH"].encode())]
+
+    e = engine(app, validate=False)  # read() without a size is outside PEP 3333 but apps do it
+    st, bodies, _ = exchange(e, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\n\r\nab\ncdefgGET")
+    assert st == [200] and bodies[0] == b"ab\n|cdefg||8"
+
+
+def test_file_wrapper_sendfile(engine: Callable[..., Engine], tmp_path: Any) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        f = open(path, "rb")  # noqa: SIM115 - closed by the server through the wrapper
+        if environ["PATH_INFO"] == "/skip":
+            f.seek(17)
+        return environ["wsgi.file_wrapper"](f)
+
+    e = engine(app, validate=False)  # the validator wraps the file wrapper and hides it from sendfile
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = Reader(s)
+        time.sleep(0.2)  # let the socket fill: sendfile must resume on writability
+        st, h, body = r.response()
+        assert st == 200 and int(h["content-length"]) == len(data) and body == data
+        s.sendall(b"GET /skip HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert r.response()[2] == data[17:]
+        s.sendall(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        st, h, _ = r.response(head=True)
+        assert int(h["content-length"]) == len(data)
+        assert r.response()[2] == data
+
+
+def test_file_wrapper_on_non_file_iterates(engine: Callable[..., Engine]) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"x" * 100_000), 4096)
+
+    e = engine(app)
+    st, bodies, _ = exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert st == [200] and bodies == [b"x" * 100_000]
+
+
+def test_app_exception_is_500_and_worker_survives(engine: Callable[..., Engine],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/alive":
+            return echo_app(environ, start_response)
+        if environ["PATH_INFO"] == "/boom":
+            raise RuntimeError("boom")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    e = engine(app, validate=False)
+    with e.connect() as s:
+        s.sendall(b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\nGET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = Reader(s)
+        assert r.response()[0] == 500
+        assert r.response()[2] == b"ok"  # same keep-alive connection still usable
+    assert "RuntimeError: boom" in caplog.text
+
+
+def test_exception_mid_stream_closes_connection(engine: Callable[..., Engine]) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        if environ["PATH_INFO"] == "/alive":
+            yield from echo_app(environ, start_response)
+            return
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"partial"
+        raise RuntimeError("mid-stream")
+
+    e = engine(app, validate=False)
+    with e.connect() as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert b"7\r\npartial\r\n" in data and not data.endswith(b"0\r\n\r\n")
+    still_serves(e)
+
+
+@pytest.mark.parametrize("bad", ["no-start-response", "str-body", "bad-status", "crlf-header"])
+def test_app_protocol_errors_are_500(engine: Callable[..., Engine], bad: str) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ["PATH_INFO"] == "/alive":
+            return echo_app(environ, start_response)
+        if bad == "no-start-response":
+            return [b"x"]
+        if bad == "str-body":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return ["text"]
+        if bad == "bad-status":
+            start_response("OK", [])
+            return [b"x"]
+        start_response("200 OK", [("X-A", "a\r\nSet-Cookie: evil")])
+        return [b"x"]
+
+    e = engine(app, validate=False)
+    st, bodies, _ = exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert st == [500] and b"evil" not in bodies[0]
+    still_serves(e)
+
+
+def test_backpressure_pauses_the_app(engine: Callable[..., Engine]) -> None:
+    produced = [0]
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        for _ in range(64):
+            produced[0] += 1
+            yield b"z" * (1 << 20)
+
+    e = engine(app, limits=Limits(body_timeout=5))
+    with e.connect() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        time.sleep(0.3)
+        assert produced[0] < 32  # the generator waits for the client instead of buffering 64 MiB
+        total = 0
+        while chunk := s.recv(1 << 20):
+            total += len(chunk)
+    assert produced[0] == 64 and total > 64 * (1 << 20)
+
+
+def test_threads_run_requests_concurrently(engine: Callable[..., Engine]) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/slow":
+            time.sleep(0.5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode()]
+
+    e = engine(app, threads=4)
+    slow = e.connect()
+    try:
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        t0 = time.monotonic()
+        st, bodies, _ = exchange(e, b"GET /fast HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert st == [200] and bodies == [b"/fast"] and time.monotonic() - t0 < 0.4
+        assert Reader(slow).response()[2] == b"/slow"
+    finally:
+        slow.close()
+
+
+def test_threads_pipelining_and_streaming(engine: Callable[..., Engine]) -> None:
+    e = engine(stream_app, threads=2)
+    reqs = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 5
+    st, bodies, _ = exchange(e, reqs, n=5)
+    assert st == [200] * 5 and set(bodies) == {b"part0;part1;part2;"}
