@@ -46,7 +46,7 @@ def _systemd_is_pid1() -> bool:
 @click.option("--sandbox-name", metavar="S", help="Sandbox name (default: the cluster name).")
 @click.option("--host-port", type=int, metavar="PORT", help="Host loopback port for a sandboxed cluster (default: same).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), metavar="DIR",
-              help="Where to write the units (default: units/NAME).")
+              help="Where to write the units (default: ~/.local/state/clusterctl/units/NAME).")
 def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None, output: Path | None,
        **options: Any) -> None:
     """Generate, install and start a cluster, wait for every worker READY, print the URL and status.
@@ -55,7 +55,8 @@ def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None
     in isolated namespaces, and its port is forwarded to the host's loopback.
     """
     plan = plan_from_options(options)
-    out = output if output is not None else Path("units") / plan.name
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
+    out = output if output is not None else state / "clusterctl/units" / plan.name
     result = gen.write(plan, out, force=True)
     click.echo(f"{out}: {'written' if result.changed else 'up to date'} ({plan.workers} workers, {plan.balance} socket)")
     sandboxed = use_sandbox if use_sandbox is not None else not _systemd_is_pid1()
