@@ -430,7 +430,8 @@ def test_file_wrapper_sendfile(engine: Callable[..., Engine], tmp_path: Any) -> 
             f.seek(17)
         return environ["wsgi.file_wrapper"](f)
 
-    e = engine(app, validate=False)  # the validator wraps the file wrapper and hides it from sendfile
+    # The validator wraps the file wrapper and hides it from sendfile, so it is off here.
+    e = engine(app, validate=False, limits=Limits(keepalive_timeout=3, body_timeout=3))
     with e.connect() as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         r = Reader(s)
