@@ -147,7 +147,7 @@ def start_cluster(sd: Systemd, name: str, *, timeout: float = 120, progress: Pro
     try:
         sd.systemctl("start", f"{name}.target", *[inst.service(i) for i in inst.instances], timeout=timeout)
     except CommandError as e:
-        raise ClusterctlError(f"{name}: not every instance came up: {e.message}\n{_failing(sd, inst)}",
+        raise ClusterctlError(f"{name}: not every instance came up:\n{_failing(sd, inst) or e.message}",
                               f"see the worker's log: clusterctl logs {name} -n 50") from e
     progress(f"{name}: {inst.workers}/{inst.workers} instances READY in {time.monotonic() - t0:.2f}s")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,20 @@ def _systemd_is_pid1() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
+def _check_host_port(port: int, sandbox: str) -> None:
+    """Fail before anything starts if the host port a sandboxed cluster is forwarded to is taken
+    (a forwarder of this same sandbox holding it is fine: `up` replaces it)."""
+    if sb.is_running(sandbox) and (sb.state_dir(sandbox) / f"forward-{port}.pid").exists():
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise ClusterctlError(f"port {port} on the host's loopback is in use ({e.strerror})",
+                                  "pass --host-port with a free port, or stop what listens there") from None
+
+
 @cli.command()
 @plan_options
 @click.option("--sandbox/--no-sandbox", "use_sandbox", default=None,
@@ -55,12 +70,16 @@ def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None
     in isolated namespaces, and its port is forwarded to the host's loopback.
     """
     plan = plan_from_options(options)
+    sandboxed = use_sandbox if use_sandbox is not None else not _systemd_is_pid1()
+    name = sandbox_name or plan.name
+    if sandboxed:
+        for address in plan.listen:
+            if address.kind == "tcp":
+                _check_host_port(host_port or int(address.port or 0), name)
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
     out = output if output is not None else state / "clusterctl/units" / plan.name
     result = gen.write(plan, out, force=True)
     click.echo(f"{out}: {'written' if result.changed else 'up to date'} ({plan.workers} workers, {plan.balance} socket)")
-    sandboxed = use_sandbox if use_sandbox is not None else not _systemd_is_pid1()
-    name = sandbox_name or plan.name
     if sandboxed:
         if sb.is_running(name):
             click.echo(f"sandbox {name}: already running, reusing it")
