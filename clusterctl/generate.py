@@ -63,6 +63,18 @@ def generate_command(plan: Plan) -> str:
         argv += ["--listen", address.unit_value if address.kind == "tcp" else f"unix:{address.path}"]
     if plan.balance != "shared":
         argv += ["--balance", plan.balance]
+    if plan.user:
+        argv += ["--user", plan.user]
+    if not plan.harden:
+        argv += ["--no-harden"]
+    for path in plan.rw_paths:
+        argv += ["--rw-path", path]
+    if plan.allow_wx:
+        argv += ["--allow-wx"]
+    for option, value in (("--memory-high", plan.memory_high), ("--memory-max", plan.memory_max),
+                          ("--cpu-quota", plan.cpu_quota), ("--tasks-max", plan.tasks_max)):
+        if value:
+            argv += [option, value]
     return shlex.join(argv)
 
 
@@ -96,7 +108,14 @@ def render(plan: Plan) -> dict[str, str]:
         "stop_timeout": plan.stop_timeout,
         "watchdog_sec": plan.watchdog_sec,
         "memory_max": plan.memory_max,
+        "memory_high": plan.memory_high,
         "cpu_quota": plan.cpu_quota,
+        "tasks_max": plan.tasks_max,
+        "harden": plan.harden,
+        "rw_paths": list(plan.rw_paths),
+        "protect_home": plan.protect_home,
+        "deny_wx": not plan.allow_wx,
+        "bind_ro": list(plan.bind_ro),
         "sockets": sorted({socket_unit(n, plan.balance, i) for i in plan.instances}, key=lambda u: (len(u), u)),
         "services": [f"{n}@{i}.service" for i in plan.instances],
     }

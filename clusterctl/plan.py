@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,6 +20,10 @@ from clusterctl.errors import ClusterctlError
 from clusterctl.proc import run
 
 Balance = Literal["shared", "reuseport"]
+ProtectHome = Literal["no", "read-only", "tmpfs", "yes"]
+PROTECT_HOME: tuple[str, ...] = ("no", "read-only", "tmpfs", "yes")
+# What ProtectHome= hides or freezes: the interpreter, app and --rw-path must not lie under it.
+HOME_DIRS = ("/home", "/root", "/run/user")
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 APP_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
@@ -27,6 +32,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SIZE_RE = re.compile(r"^(\d+(\.\d+)?[KMGT]?|\d{1,3}%|infinity)$")
 PERCENT_RE = re.compile(r"^(\d{1,5})%?$")
+TASKS_RE = re.compile(r"^([1-9]\d{0,6}|\d{1,3}%|infinity)$")
 
 DEFAULT_PORT = 8000
 DRAIN_TIMEOUT = 25
@@ -76,11 +82,20 @@ class Plan:
     user: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     memory_max: str | None = None
+    memory_high: str | None = None
     cpu_quota: str | None = None
+    tasks_max: str | None = None
+    harden: bool = True
+    rw_paths: tuple[str, ...] = ()
+    protect_home: ProtectHome = "yes"
+    allow_wx: bool = False
+    bind_ro: tuple[str, ...] = ()
     backlog: int = BACKLOG
     drain_timeout: int = DRAIN_TIMEOUT
     watchdog_sec: int = WATCHDOG_SEC
     cpu_budget: CpuBudget | None = field(default=None, compare=False)
+    # Things that will not stop generate but will likely stop the workers; the CLI prints them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def instances(self) -> list[int]:
@@ -212,6 +227,57 @@ def parse_user(user: str | None) -> str | None:
     return user
 
 
+def parse_rw_paths(paths: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """--rw-path: absolute directories, the only places ProtectSystem=strict leaves writable."""
+    out: list[str] = []
+    for p in paths:
+        if not p.startswith("/") or re.search(r'[\s"\'\\%$;]', p) or "/../" in f"{p}/":
+            raise ClusterctlError(f"--rw-path {p!r} must be an absolute path without spaces, quotes, '%', '$' or '..'",
+                                  "e.g. --rw-path /var/lib/myapp (or write to /tmp, which is private to each worker)")
+        norm = os.path.normpath(p)
+        if norm == "/":
+            raise ClusterctlError("--rw-path / would make the whole file system writable",
+                                  "name the directories the app writes to, or pass --no-harden")
+        if norm not in out:
+            out.append(norm)
+    return tuple(out)
+
+
+def parse_tasks(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not TASKS_RE.match(value):
+        raise ClusterctlError(f"--tasks-max {value!r} is not a task count",
+                              "use a number of threads+processes per worker (e.g. --tasks-max 64), a percentage, or infinity")
+    return value
+
+
+def under(path: str, dirs: tuple[str, ...]) -> str | None:
+    """The first of `dirs` that `path` is inside of (or equal to), else None."""
+    for d in dirs:
+        if path == d or path.startswith(d.rstrip("/") + "/"):
+            return d
+    return None
+
+
+def readable_by_anyone(path: str) -> bool:
+    """Whether any local user could use `path`: every directory on the way, symlinks followed, is
+    searchable by others, and the file itself readable. A DynamicUser= worker has no group or owner
+    rights, so this is the test that its interpreter and app can be opened (a /root/.pyenv python
+    fails it: /root is 0700)."""
+    for p in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        parts = p.split("/")
+        for k in range(2, len(parts) + 1):
+            try:
+                st = os.stat("/".join(parts[:k]))
+            except OSError:
+                return False
+            want = 0o005 if stat.S_ISDIR(st.st_mode) else 0o004
+            if st.st_mode & want != want:
+                return False
+    return True
+
+
 def resolve_python(python: str | None) -> str:
     """The interpreter the workers run: absolute, existing, executable. Symlinks are kept (a venv's
     python is a symlink, and resolving it would lose the venv)."""
@@ -291,6 +357,38 @@ def check_import(app: str, python: str, working_dir: str) -> None:
                               "point --app at the WSGI application object")
 
 
+def _protect_home(value: str | None, harden: bool, paths: list[tuple[str, str]]) -> str:
+    """ProtectHome=: `yes` unless something the workers need lives under /home, /root or /run/user,
+    then `read-only` (a --rw-path there stays writable: ReadWritePaths= wins over it); an explicit
+    value that would hide one of them is refused."""
+    if value is not None and value not in PROTECT_HOME:
+        raise ClusterctlError(f"--protect-home {value!r} is not one of {', '.join(PROTECT_HOME)}",
+                              "e.g. --protect-home read-only when the app lives in a home directory")
+    if not harden:
+        return value or "no"
+    clashes = [(opt, p, d) for opt, p in paths if (d := under(p, HOME_DIRS))]
+    if value is None:
+        return "read-only" if clashes else "yes"
+    if value in ("yes", "tmpfs") and clashes:
+        opt, p, d = clashes[0]
+        raise ClusterctlError(f"--protect-home {value} hides {d}, but {opt} {p} is there",
+                              "pass --protect-home read-only, or move the app out of home directories")
+    return value
+
+
+def _tmp_binds(paths: list[str]) -> tuple[str, ...]:
+    """PrivateTmp= gives each worker an empty /tmp and /var/tmp; an app or venv that lives there (a CI
+    checkout, a demo) is bound back in read-only (BindReadOnlyPaths=), top-level entry by entry."""
+    out: list[str] = []
+    for p in paths:
+        for tmp in ("/tmp", "/var/tmp"):
+            if p.startswith(tmp + "/"):
+                top = f"{tmp}/{p[len(tmp) + 1:].split('/', 1)[0]}"
+                if top not in out and not re.search(r'[\s"\'\\%$;:]', top):
+                    out.append(top)
+    return tuple(out)
+
+
 def build_plan(
     *,
     app: str,
@@ -303,7 +401,13 @@ def build_plan(
     python: str | None = None,
     env: tuple[str, ...] | list[str] = (),
     memory_max: str | None = None,
+    memory_high: str | None = None,
     cpu_quota: str | None = None,
+    tasks_max: str | None = None,
+    harden: bool = True,
+    rw_path: tuple[str, ...] | list[str] = (),
+    protect_home: str | None = None,
+    allow_wx: bool = False,
     backlog: int = BACKLOG,
     drain_timeout: int = DRAIN_TIMEOUT,
     watchdog_sec: int = WATCHDOG_SEC,
@@ -327,11 +431,28 @@ def build_plan(
         raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
     py = resolve_python(python)
     wd = resolve_working_dir(working_dir)
+    rw = parse_rw_paths(rw_path)
+    needed = [("--python", py), ("--python", os.path.realpath(py)), ("--working-dir", wd),
+              ("--working-dir", os.path.realpath(wd)), *(("--rw-path", p) for p in rw)]
+    home = _protect_home(protect_home, harden, needed)
+    bind_ro = _tmp_binds([p for opt, p in needed if opt != "--rw-path"]) if harden else ()
+    warnings = []
+    if harden and user is None:
+        for option, path in (("--python", py), ("--working-dir", wd)):
+            if not readable_by_anyone(path):
+                warnings.append(
+                    f"{option} {os.path.realpath(path)} is not readable by other users, so a worker with a dynamic "
+                    "user (the default without --user) will fail to start: install the app and its venv under a "
+                    "world-readable path (e.g. /opt or /srv), or pass --user with an account that can read it "
+                    "(--user root gives up that isolation)")
     plan = Plan(
         name=name, app=app, workers=n, listen=addresses, balance=balance,  # type: ignore[arg-type]
         python=py, working_dir=wd, user=parse_user(user), env=parse_env(env),
-        memory_max=parse_size(memory_max, "--memory-max"), cpu_quota=parse_percent(cpu_quota, "--cpu-quota"),
+        memory_max=parse_size(memory_max, "--memory-max"), memory_high=parse_size(memory_high, "--memory-high"),
+        cpu_quota=parse_percent(cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(tasks_max),
+        harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
         backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, cpu_budget=budget,
+        warnings=tuple(warnings),
     )
     if check:
         check_import(plan.app, plan.python, plan.working_dir)

@@ -21,6 +21,7 @@ from clusterctl import sandbox as sb
 from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
 from tests.loadgen import Load, request
+from tests.worker_user import worker_user
 
 REPO = Path(__file__).resolve().parent.parent
 WATCHDOG = 5  # seconds; /slow?seconds=1.5 blocks the loop well below it, /hang far above it
@@ -58,7 +59,8 @@ class Cluster:
 
 def install_cluster(sandbox: sb.Sandbox, out: Path, name: str, port: int, balance: str, workers: int = 2) -> Cluster:
     plan = build_plan(app="examples.hello:app", name=name, workers=str(workers), listen=[f"127.0.0.1:{port}"],
-                      balance=balance, working_dir=str(REPO), python=sys.executable, watchdog_sec=WATCHDOG,
+                      balance=balance, working_dir=str(REPO), python=sys.executable, user=worker_user(),
+                      watchdog_sec=WATCHDOG,
                       check=True)
     gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)

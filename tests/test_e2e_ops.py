@@ -16,6 +16,7 @@ from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.systemd import Systemd
 from tests.loadgen import Load
+from tests.worker_user import user_args
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "opsdemo"
@@ -51,7 +52,8 @@ def cursor(sd: Systemd) -> str:
 def units(sandbox: sb.Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ops") / NAME
     clusterctl("generate", "--app", "examples.hello:app", "--name", NAME, "--workers", "2", "--listen",
-               f"127.0.0.1:{PORT}", "--working-dir", str(REPO), "--python", sys.executable, "--output", str(out))
+               f"127.0.0.1:{PORT}", "--working-dir", str(REPO), "--python", sys.executable, "--output", str(out),
+               *user_args())
     return out
 
 
@@ -133,7 +135,8 @@ def test_reload_aborts_on_broken_release_leaving_old_code(sandbox: sb.Sandbox, t
                                    "    start_response('200 OK', [])\n    return [b'v1']\n")
     out = tmp_path / "relapp"
     clusterctl("generate", "--app", "relapp:app", "--name", "relapp", "--workers", "2", "--listen", "127.0.0.1:8210",
-               "--working-dir", str(app), "--python", sys.executable, "--output", str(out))
+               "--working-dir", str(app), "--python", sys.executable, "--output", str(out),
+               *user_args(app))
     sb.exec(s, ["mkdir", "-p", str(app)])
     sd = Systemd(sandbox=s)
     # the app dir lives in the sandbox's own tree: copy the release in

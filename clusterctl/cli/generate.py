@@ -21,12 +21,22 @@ _PLAN_OPTIONS = [
                  help="PORT, IPv4:PORT, [IPv6]:PORT or unix:/path; repeatable (default 127.0.0.1:8000)."),
     click.option("--balance", type=click.Choice(["shared", "reuseport"]), default="shared", show_default=True,
                  help="shared: one socket, one queue; reuseport: a socket per worker, kernel-hashed."),
-    click.option("--user", metavar="USER", help="Run the workers as this user."),
+    click.option("--user", metavar="USER", help="Run the workers as this user (default: a DynamicUser= per worker)."),
     click.option("--working-dir", metavar="DIR", help="Directory the app is imported from (default: cwd)."),
     click.option("--python", metavar="PATH", help="Interpreter with the app and clusterctl installed (default: this one)."),
     click.option("--env", multiple=True, metavar="KEY=VALUE", help="Environment for the workers; repeatable."),
     click.option("--memory-max", metavar="SIZE", help="Hard memory limit per worker (MemoryMax=), e.g. 512M."),
+    click.option("--memory-high", metavar="SIZE", help="Soft memory limit per worker, reclaimed above (MemoryHigh=)."),
     click.option("--cpu-quota", metavar="PCT", help="CPU limit per worker (CPUQuota=), e.g. 150%."),
+    click.option("--tasks-max", metavar="N", help="Most threads and processes per worker (TasksMax=), e.g. 64."),
+    click.option("--harden/--no-harden", default=True, show_default=True,
+                 help="Sandbox the workers (ProtectSystem=strict, no capabilities, syscall filter; see docs/hardening.md)."),
+    click.option("--rw-path", multiple=True, metavar="DIR",
+                 help="A directory the workers may write (ReadWritePaths=); everything else is read-only. Repeatable."),
+    click.option("--protect-home", type=click.Choice(["no", "read-only", "tmpfs", "yes"]), default=None,
+                 help="ProtectHome= (default: yes, or read-only when the app or python lives under /home or /root)."),
+    click.option("--allow-wx", is_flag=True,
+                 help="Drop MemoryDenyWriteExecute= for libraries that need W+X memory (cffi/ctypes callbacks, JITs)."),
     click.option("--backlog", type=int, default=BACKLOG, show_default=True, help="Listen queue length (Backlog=)."),
     click.option("--drain-timeout", type=int, default=DRAIN_TIMEOUT, show_default=True,
                  help="Seconds a stopping worker may finish in-flight requests."),
@@ -47,9 +57,13 @@ def plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def plan_from_options(options: dict[str, Any]) -> Plan:
     """Build the Plan from the plan options; pops them so the caller keeps only its own."""
     keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
-            "memory_max", "cpu_quota", "backlog", "drain_timeout", "watchdog_sec")
+            "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
+            "backlog", "drain_timeout", "watchdog_sec")
     kwargs = {k: options.pop(k) for k in keys}
-    return build_plan(**kwargs, check=options.pop("check_import"))
+    plan = build_plan(**kwargs, check=options.pop("check_import"))
+    for warning in plan.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    return plan
 
 
 @cli.command()

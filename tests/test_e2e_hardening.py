@@ -1,0 +1,81 @@
+"""The hardened default units in a real systemd: they serve, log and notify under the sandboxing, and
+`systemd-analyze security` scores them at most 2.0 (the stock gunicorn sample unit is scored beside it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from clusterctl import generate as gen
+from clusterctl import ops
+from clusterctl import sandbox as sb
+from clusterctl.plan import build_plan
+from clusterctl.systemd import Systemd
+from tests.loadgen import request
+from tests.worker_user import worker_user
+
+REPO = Path(__file__).resolve().parent.parent
+EXPOSURE_BOUND = 2.0
+PORT = 8300
+
+
+def exposure(sandbox: sb.Sandbox, unit: str) -> float:
+    out = sandbox.exec(["systemd-analyze", "security", "--no-pager", unit], check=False).stdout
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", out)
+    assert m, out[-2000:]
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def hardened(sandbox: sb.Sandbox, tmp_path_factory: pytest.TempPathFactory):
+    plan = build_plan(app="examples.hello:app", name="hard", workers="2", listen=[f"127.0.0.1:{PORT}"],
+                      working_dir=str(REPO), python=sys.executable, user=worker_user(), check=True)
+    out = tmp_path_factory.mktemp("hard") / "hard"
+    gen.write(plan, out)
+    sd = Systemd(sandbox=sandbox.name)
+    ops.install(sd, out, start=True, progress=lambda m: None)
+    yield sd
+    ops.uninstall(sd, "hard", progress=lambda m: None)
+
+
+def test_hardened_cluster_serves_logs_and_notifies(sandbox: sb.Sandbox, hardened: Systemd) -> None:
+    with sb.netns(sandbox.name):
+        assert request(PORT, "/") == (200, b"Hello, world!\n")
+        status, body = request(PORT, "/pid")
+    assert status == 200
+    rows = hardened.show(["hard@1.service", "hard@2.service"], ("ActiveState", "SubState", "StatusText"))
+    assert [r["ActiveState"] for r in rows] == ["active", "active"]  # READY=1 got through (Type=notify)
+    props = hardened.show(["hard@1.service"], ("DynamicUser", "ProtectSystem", "NoNewPrivileges", "User"))[0]
+    assert props["ProtectSystem"] == "strict" and props["NoNewPrivileges"] == "yes"
+    assert props["DynamicUser"] == ("yes" if worker_user() is None else "no")
+    pid = body.split()[0].decode()
+    uid = re.search(r"^Uid:\s+(\d+)", hardened.path(f"/proc/{pid}/status").read_text(), re.M)
+    assert uid and (uid.group(1) != "0") == (worker_user() is None)
+    journal = hardened.journalctl("-u", "hard@1.service", "-o", "cat")
+    assert "READY" in journal or "serving" in journal.lower() or journal.strip(), journal
+
+
+def test_default_units_exposure_at_most_2(sandbox: sb.Sandbox, tmp_path: Path) -> None:
+    """Scored on installed units, the defaults (DynamicUser, no --user); the gunicorn sample for comparison."""
+    plan = build_plan(app="examples.hello:app", name="score", workers="1", listen=["127.0.0.1:8399"],
+                      working_dir="/srv" if Path("/srv").is_dir() else str(REPO), python="/usr/bin/python3",
+                      check=False) if Path("/usr/bin/python3").exists() else None
+    if plan is None:
+        pytest.skip("no /usr/bin/python3 to name in ExecStart")
+    gen.write(plan, tmp_path / "score")
+    sd = Systemd(sandbox=sandbox.name)
+    ops.install(sd, tmp_path / "score", progress=lambda m: None)
+    shutil.copy(REPO / "tests/data/gunicorn-sample.service", sd.path("/etc/systemd/system/gunicorn-sample.service"))
+    try:
+        sd.systemctl("daemon-reload")
+        ours, theirs = exposure(sandbox, "score@1.service"), exposure(sandbox, "gunicorn-sample.service")
+        print(f"\nexposure: clusterctl default units {ours}, gunicorn sample unit {theirs}")
+        assert ours <= EXPOSURE_BOUND, f"score@1.service exposure {ours} > {EXPOSURE_BOUND}"
+        assert theirs > ours
+    finally:
+        sd.path("/etc/systemd/system/gunicorn-sample.service").unlink(missing_ok=True)
+        ops.uninstall(sd, "score", progress=lambda m: None)
