@@ -224,6 +224,10 @@ def parse_user(user: str | None) -> str | None:
         return None
     if not re.match(r"^[a-z_][a-z0-9_-]{0,31}\$?$", user) and not user.isdigit():
         raise ClusterctlError(f"--user {user!r} is not a valid user name", "use an existing system user, e.g. --user www-data")
+    if user in ("nobody", "65534"):
+        raise ClusterctlError(f"--user {user}: nobody owns files of other services, so sharing it is not isolation "
+                              "(systemd warns: 'Special user nobody configured, this is not safe!')",
+                              "leave --user out for a DynamicUser= per worker, or create a dedicated user")
     return user
 
 
