@@ -1,0 +1,154 @@
+"""Fuzzing the HTTP engine over a real socket: random bytes and mutated valid requests never crash it,
+never raise into the event loop, and never leave it unable to serve the next connection.
+
+One engine (uvloop, in a thread, small limits) serves a trivial WSGI app for the whole module; each
+example opens a connection, sends its bytes, half-closes, reads whatever comes back, then a fresh
+connection must get a correct 200. Bounded (200 examples per strategy) so it runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clusterctl.engine import Limits, Server
+
+LIMITS = Limits(keepalive_timeout=1.0, header_timeout=1.0, body_timeout=1.0, max_request_line=512,
+                max_header_size=2048, max_headers=30, max_body_size=4096, max_connections=64)
+VALID = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /path?q=1&r=%20x HTTP/1.1\r\nHost: a\r\nUser-Agent: fuzz\r\nAccept: */*\r\n\r\n",
+    b"POST /submit HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world",
+    b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+]
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok " + str(len(body)).encode()]
+
+
+class Engine:
+    """The engine on 127.0.0.1:<port> in a thread; collects anything raised into the event loop."""
+
+    def __init__(self) -> None:
+        self.loop_errors: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.loop = uvloop.new_event_loop()
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(repr(ctx)))
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = Server(app, self.loop, LIMITS)
+            self.loop.run_until_complete(self.server.serve([self.sock]))
+            ready.set()
+            self.loop.run_forever()
+            self.server.force_close()
+            self.server.close()
+            self.loop.run_until_complete(asyncio.sleep(0.01))
+            self.loop.close()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert ready.wait(5)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def send(self, data: bytes) -> bytes:
+        """Send, half-close, read until the server closes (or a short timeout); the bytes received."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=3) as s:
+            try:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:  # the server may answer 4xx and close before reading it all
+                pass
+            got = b""
+            s.settimeout(2.5)
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+        return got
+
+    def check_still_serves(self) -> None:
+        got = self.send(b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+        assert got.endswith(b"ok 3"), got[-200:]
+        assert self.thread.is_alive()
+        assert self.loop_errors == []
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    e = Engine()
+    yield e
+    e.stop()
+
+
+def check(engine: Engine, data: bytes) -> None:
+    got = engine.send(data)
+    assert got == b"" or got.startswith(b"HTTP/1."), got[:200]
+    engine.check_still_serves()
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A valid request with a few random edits: bytes flipped, inserted, deleted, or slices repeated."""
+    data = bytearray(draw(st.sampled_from(VALID)))
+    for _ in range(draw(st.integers(1, 4))):
+        pos = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "repeat", "special"]))
+        if op == "flip" and pos < len(data):
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete":
+            del data[pos:pos + draw(st.integers(1, 8))]
+        elif op == "repeat":
+            end = draw(st.integers(pos, min(len(data), pos + 64)))
+            data[pos:pos] = data[pos:end] * draw(st.integers(1, 40))
+        else:
+            data[pos:pos] = draw(st.sampled_from([b"\r\n", b"\n", b"\r", b"\x00", b" ", b"\t", b":", b"\r\n\r\n",
+                                                  b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n",
+                                                  b"Content-Length: -1\r\n", b"ffffffffffffffff\r\n", b"%",
+                                                  b"\xff\xfe", b"HTTP/1.1"]))
+    return bytes(data)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=2048))
+def test_random_bytes(engine: Engine, data: bytes) -> None:
+    check(engine, data)
+
+
+@SETTINGS
+@given(data=mutated())
+def test_mutated_valid_requests(engine: Engine, data: bytes) -> None:
+    check(engine, data)
+
+
+def test_valid_corpus_is_answered(engine: Engine) -> None:
+    for data in VALID:
+        got = engine.send(data)
+        assert got.startswith(b"HTTP/1.") and b" 200 " in got.split(b"\r\n", 1)[0], (data, got[:200])
