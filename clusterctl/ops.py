@@ -190,6 +190,8 @@ class InstanceStatus:
     errors: int | None
     status_text: str
     configured: bool
+    # Why an instance is not active/running: systemd's Result= and its last journal line ("" when fine).
+    why: str = ""
 
 
 @dataclass
@@ -272,12 +274,21 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
         text = r.get("StatusText", "")
         req, fl, err = parse_status_text(text)
         instance = r["Id"].removeprefix(f"{name}@").removesuffix(".service")
+        why = ""
+        if (r.get("ActiveState"), r.get("SubState")) != ("active", "running") and r.get("LoadState") == "loaded":
+            tail = sd.journalctl("-u", r["Id"], "-n", "20", "-o", "cat").strip().splitlines()
+            # the worker's own last words, not systemd's lines about the unit around them
+            errors = [ln for ln in tail if not ln.startswith(("Starting ", "Started ", "Stopping ", "Stopped ",
+                                                               "Failed to start ", r["Id"] + ": "))]
+            last = errors[-1] if errors else (tail[-1] if tail else "no log")
+            result = r.get("Result", "success")  # back to "success" while a restart is starting
+            why = last if result == "success" else f"{result}: {last}"
         out.instances.append(InstanceStatus(
             instance=instance, unit=r["Id"], pid=pid, state=r.get("ActiveState", "?"), sub_state=r.get("SubState", "?"),
             uptime_s=round(uptime, 1) if uptime is not None else None, restarts=_int(r.get("NRestarts")) or 0,
             cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
             requests=req, in_flight=fl, errors=err, status_text=text,
-            configured=instance.isdigit() and int(instance) in inst.instances))
+            configured=instance.isdigit() and int(instance) in inst.instances, why=why))
     return out
 
 

@@ -223,6 +223,10 @@ def _print_status(st: ops.ClusterStatus) -> None:
         if tty and "active/running" not in r[2]:
             text = click.style(text, fg="red")
         click.echo(text)
+    for i in st.instances:
+        if i.why:
+            text = f"instance {i.instance} is {i.state}/{i.sub_state} after {i.restarts} restarts: {i.why}"
+            click.echo(click.style(text, fg="red") if tty else text)
     if any(not i.configured for i in st.instances):
         click.echo("* not part of the configured worker count (a surge or leftover instance)")
 
