@@ -162,18 +162,9 @@ class Runtime:
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self.server.serve(self.socks, self.cfg.backlog))
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.on_signal, sig)
-            where = ", ".join(notify.describe(s) for s in self.socks)
-            log.info("serving %s on %s (pid %d)", self.cfg.app, where, os.getpid())
-            notify.notify(ready=True, status=f"serving {self.cfg.app} on {where}")
-            if self.notifying:
-                loop.call_later(1.0, self._status)
-            interval = notify.watchdog_interval()
-            if interval:
-                self._watchdog(interval)
-            code = loop.run_until_complete(self.done)
+            # One run_until_complete for the whole life: uvloop pauses its signal wake-up between runs,
+            # and a SIGTERM landing in such a gap would be lost.
+            code = loop.run_until_complete(self._main())
         finally:
             if self.access is not None:
                 self.access.flush()
@@ -181,6 +172,23 @@ class Runtime:
             loop.close()
         log.info("exiting with %d", code)
         return code
+
+    async def _main(self) -> int:
+        loop = self.loop
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: no window for a default death
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        await self.server.serve(self.socks, self.cfg.backlog)
+        if self.draining:  # a signal arrived while we were starting
+            self.server.stop_accepting()
+        where = ", ".join(notify.describe(s) for s in self.socks)
+        log.info("serving %s on %s (pid %d)", self.cfg.app, where, os.getpid())
+        notify.notify(ready=True, status=f"serving {self.cfg.app} on {where}")
+        if self.notifying:
+            loop.call_later(1.0, self._status)
+        interval = notify.watchdog_interval()
+        if interval:
+            self._watchdog(interval)
+        return await self.done
 
     # -- periodic notify ---------------------------------------------------------------------------------
     def _status(self) -> None:
@@ -242,7 +250,7 @@ class Runtime:
 def run(cfg: WorkerConfig) -> int:
     """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     if cfg.instance:
         os.environ["CLUSTERCTL_INSTANCE"] = cfg.instance
     os.environ["CLUSTERCTL_NAME"] = cfg.name
@@ -253,7 +261,15 @@ def run(cfg: WorkerConfig) -> int:
     socks = take_sockets(cfg)
     try:
         app = load_app(cfg.app)
-        return Runtime(cfg, app, socks).run()
+        code = Runtime(cfg, app, socks).run()
     finally:
         for sock in socks:
             sock.close()
+    if code != 0:
+        # Forced exit: request threads may still be stuck in the app, and interpreter shutdown would
+        # join them. The deadline is the deadline.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

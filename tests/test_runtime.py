@@ -1,0 +1,312 @@
+"""The worker process end to end: real fd passing (systemd-socket-activate), a real notify socket.
+
+The test plays systemd: it owns an AF_UNIX datagram socket as NOTIFY_SOCKET and reads READY=1 /
+STATUS= / WATCHDOG=1 / STOPPING=1 from it, sends signals by PID and checks exit codes. Every process
+started here is killed by PID in the fixture's teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SSA = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-activate"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(SSA), reason="systemd-socket-activate not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Notify:
+    """The service manager's side of NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, str]] = []
+
+    def wait_for(self, needle: str, timeout: float = 10.0) -> tuple[float, str]:
+        deadline = time.monotonic() + timeout
+        for t, m in self.messages:
+            if needle in m:
+                return t, m
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.messages.append((time.monotonic(), data))
+            if needle in data:
+                return self.messages[-1]
+        raise AssertionError(f"no {needle!r} within {timeout}s; got {[m for _, m in self.messages]}")
+
+    def drain(self, seconds: float) -> list[str]:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+            except TimeoutError:
+                break
+        return [m for _, m in self.messages]
+
+
+class Worker:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, notify: Notify | None) -> None:
+        self.proc = proc
+        self.port = port
+        self.notify: Any = notify
+
+    def request(self, path: str, timeout: float = 10.0, sock: socket.socket | None = None) -> bytes:
+        s = sock or socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        with s:
+            s.settimeout(timeout)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data
+
+    def output(self) -> tuple[str, str]:
+        out, err = self.proc.communicate(timeout=10)
+        return out.decode(), err.decode()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    n = [0]
+
+    def start(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, ssa: bool = True,
+              notify: Notify | None = None) -> Worker:
+        n[0] += 1
+        notify = notify or Notify(tmp_path / f"notify{n[0]}")
+        port = free_port()
+        worker_env = {"NOTIFY_SOCKET": notify.path, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+                      **(env or {})}
+        cmd = [sys.executable, "-m", "clusterctl.worker", *args]
+        if ssa:
+            cmd = [SSA, "-l", f"127.0.0.1:{port}", *[f"-E{k}={v}" for k, v in worker_env.items()], *cmd]
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, **worker_env})
+        procs.append(proc)
+        return Worker(proc, port, notify)
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(5)
+
+
+def connect_when_listening(port: int, timeout: float = 5.0) -> socket.socket:
+    """systemd-socket-activate starts the worker on the first connection: this makes that connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_ready_only_after_import_and_serving(spawn: Callable[..., Worker], tmp_path: Path) -> None:
+    (tmp_path / "slowapp.py").write_text(
+        "import time\ntime.sleep(0.6)\n"
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'slow import ok']\n")
+    w = spawn("--app", "slowapp:app", "--no-access-log", cwd=tmp_path)
+    first = connect_when_listening(w.port)  # triggers the exec; this connection waits in the queue
+    t0 = time.monotonic()
+    t_ready, msg = w.notify.wait_for("READY=1")
+    assert t_ready - t0 >= 0.5, "READY=1 came before the app was imported"
+    assert f"MAINPID={w.proc.pid}" in msg  # systemd-socket-activate execs: same pid, LISTEN_PID matches
+    # The connection made before READY was queued by the kernel and is answered.
+    assert w.request("/", sock=first).endswith(b"slow import ok")
+    assert w.request("/").endswith(b"slow import ok")
+
+
+def test_status_updates_and_access_log(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--instance", "7")
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    assert w.request("/pid", sock=first).endswith(f"{w.proc.pid} 7\n".encode())
+    for _ in range(2):
+        assert b"Hello, world!" in w.request("/")
+    _, msg = w.notify.wait_for("requests served 3", timeout=5)
+    assert "in flight 0, errors 0" in msg
+    os.kill(w.proc.pid, signal.SIGTERM)
+    out, _ = w.output()
+    assert w.proc.returncode == 0
+    assert out.count('"GET / HTTP/1.1" 200 14') == 2
+
+
+@pytest.mark.parametrize("threads", ["0", "4"])
+def test_sigterm_lets_a_slow_request_finish(spawn: Callable[..., Worker], threads: str) -> None:
+    w = spawn("--app", "examples.hello:app", "--threads", threads, "--drain-timeout", "10")
+    slow = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    slow.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    os.kill(w.proc.pid, signal.SIGTERM)
+    slow.settimeout(10)
+    data = b""
+    while chunk := slow.recv(65536):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"slept 1.0\n")
+    assert w.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    w.notify.wait_for("STOPPING=1", timeout=2)
+
+
+def test_drain_deadline_force_closes_and_exits_1(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--threads", "2", "--drain-timeout", "0.5")
+    slow = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    slow.sendall(b"GET /slow?seconds=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 1
+    assert time.monotonic() - t0 < 3
+    slow.close()
+
+
+def test_second_signal_forces_exit_1(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--threads", "2", "--drain-timeout", "20")
+    slow = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    slow.sendall(b"GET /slow?seconds=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.2)
+    os.kill(w.proc.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert w.proc.poll() is None  # still draining
+    os.kill(w.proc.pid, signal.SIGINT)
+    assert w.proc.wait(5) == 1
+    slow.close()
+
+
+def test_max_requests_recycles_with_exit_0(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--max-requests", "3", "--no-access-log")
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    w.request("/", sock=first)
+    w.request("/")
+    w.request("/")
+    assert w.proc.wait(5) == 0
+    assert "recycling after 3 requests" in w.output()[1]
+
+
+def test_watchdog_pings_from_the_loop(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--no-access-log", env={"WATCHDOG_USEC": "200000"})
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    msgs = w.notify.drain(0.55)
+    assert sum("WATCHDOG=1" in m for m in msgs) >= 3  # every 0.1 s
+    first.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: t\r\n\r\n")  # blocks the loop for 1 s
+    time.sleep(0.1)
+    n = len(w.notify.messages)
+    later = w.notify.drain(0.7)[n:]
+    assert not any("WATCHDOG=1" in m for m in later), "a blocked loop must stop pinging"
+    first.close()
+
+
+def test_no_sockets_is_a_clear_error(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", ssa=False)
+    _, err = w.output()
+    assert w.proc.returncode == 2
+    assert "no listening sockets" in err and "systemd-socket-activate" in err and "--bind" in err
+    assert "Traceback" not in err
+
+
+def test_bad_app_is_a_clear_error(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "no_such_module:app", "--bind", f"127.0.0.1:{free_port()}", ssa=False)
+    _, err = w.output()
+    assert w.proc.returncode == 2
+    assert "cannot import module 'no_such_module'" in err and "Traceback" not in err
+    w = spawn("--app", "examples.hello:nope", "--bind", f"127.0.0.1:{free_port()}", ssa=False)
+    _, err = w.output()
+    assert w.proc.returncode == 2 and "has no attribute 'nope'" in err
+
+
+def test_bind_port_in_use_is_a_clear_error(spawn: Callable[..., Worker]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        w = spawn("--app", "examples.hello:app", "--bind", f"127.0.0.1:{port}", ssa=False)
+        _, err = w.output()
+    assert w.proc.returncode == 2 and "cannot listen on" in err
+
+
+def test_two_workers_share_one_socket(spawn: Callable[..., Worker], tmp_path: Path) -> None:
+    """Layout (b): siblings accept from one non-blocking socket; losing an accept race (EAGAIN) is fine."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(512)
+    port = lsock.getsockname()[1]
+    launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'clusterctl.worker', *sys.argv[2:]])")
+    procs = []
+    try:
+        for i in range(2):
+            notify = Notify(tmp_path / f"n{i}")
+            p = subprocess.Popen(
+                [sys.executable, "-c", launcher, str(lsock.fileno()), "--app", "examples.hello:app",
+                 "--no-access-log", "--instance", str(i)],
+                cwd=REPO, pass_fds=(lsock.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env={**os.environ, "NOTIFY_SOCKET": notify.path, "PYTHONPATH": str(REPO)})
+            procs.append(p)
+            notify.wait_for("READY=1")
+        lsock.close()  # only the workers hold it now
+        pids = set()
+        w = Worker(procs[0], port, None)
+        for _ in range(300):
+            body = w.request("/pid")
+            assert body.startswith(b"HTTP/1.1 200")
+            pids.add(body.rsplit(b"\r\n\r\n", 1)[1].split()[0])
+        assert len(pids) == 2
+        assert all(p.poll() is None for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def test_clusterctl_run_serves_with_bind() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "run", "--app", "examples.hello:app",
+                             "--bind", f"127.0.0.1:{port}", "--no-access-log"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        s = connect_when_listening(port)
+        w = Worker(proc, port, None)
+        assert w.request("/health", sock=s).endswith(b"ok\n")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
