@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
+from tests.worker_user import user_args
 
 
 def free_port() -> int:
@@ -31,7 +32,7 @@ def box(sandbox_factory) -> str:
 def test_up_serves_on_the_host_then_down_removes_everything(box: str, tmp_path) -> None:
     port = free_port()
     args = ["up", "--app", "examples.hello:app", "--name", "uptest", "--workers", "2", "--listen", "127.0.0.1:8300",
-            "--sandbox", "--sandbox-name", box, "--host-port", str(port), "--output", str(tmp_path / "units")]
+            *user_args(), "--sandbox", "--sandbox-name", box, "--host-port", str(port), "--output", str(tmp_path / "units")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "uptest: 2/2 instances READY" in result.output
@@ -40,7 +41,8 @@ def test_up_serves_on_the_host_then_down_removes_everything(box: str, tmp_path) 
         assert r.status == 200 and r.read() == b"Hello, world!\n"
 
     # the port is now taken on the host: a second cluster asking for it fails before starting anything
-    again = CliRunner().invoke(cli, [*args[:4], "other", *args[5:-2], "--sandbox-name", "pytest-never-booted"])
+    again = CliRunner().invoke(cli, [*args[:4], "other", *args[5:-2], "--sandbox-name", "pytest-never-booted",
+                                     "--output", str(tmp_path / "other")])
     assert again.exit_code != 0 and f"port {port} on the host's loopback is in use" in again.output
     assert not sb.is_running("pytest-never-booted")
 
