@@ -203,6 +203,7 @@ class HttpProtocol(asyncio.Protocol):
         self.writable.set()
         lim = self.limits
         self.head_limit = lim.max_request_line + lim.max_header_size + 1024
+        self.max_header_size = lim.max_header_size
         # per-message state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -315,11 +316,10 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.hsize += len(name) + len(value) + 4
         lname = name.lower()
-        headers = self.headers
-        headers.append((lname, value))
-        if self.hsize > self.limits.max_header_size or len(headers) > self.limits.max_headers:
+        self.headers.append((lname, value))
+        self.hsize += len(name) + len(value) + 4
+        if self.hsize > self.max_header_size:
             raise _Reject(431, "request headers too large")
         if lname in _SPECIAL:
             if lname == b"host":
@@ -336,6 +336,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.te = True
 
     def on_headers_complete(self) -> None:
+        if len(self.headers) > self.limits.max_headers:
+            raise _Reject(431, "too many request headers")
         self.in_head = False
         self.phase = BODY
         self.since = self.server.clock
@@ -648,15 +650,18 @@ class WsgiProtocol(HttpProtocol):
         env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
         env["QUERY_STRING"] = query.decode("latin-1")
         env["RAW_URI"] = target.decode("latin-1")
+        keys = _ENV_KEYS
         for name, value in headers:
-            key = _ENV_KEYS.get(name, "") if name in _ENV_KEYS else _env_key(name)
+            key = keys.get(name, "")
+            if key == "":
+                key = _env_key(name)
             if key is None:
                 continue
-            v = value.decode("latin-1")
-            if key in env:
-                env[key] += ("; " if key == "HTTP_COOKIE" else ",") + v
+            old = env.get(key)
+            if old is None:
+                env[key] = value.decode("latin-1")
             else:
-                env[key] = v
+                env[key] = old + ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
         if body or cl_given:
             env["CONTENT_LENGTH"] = str(len(body))
         env["wsgi.input"] = io.BytesIO(body)

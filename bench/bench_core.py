@@ -1,0 +1,133 @@
+"""One worker on one core against its peers: hello world, keep-alive and Connection: close.
+
+Each server is pinned to core 1 (taskset -c 1), wrk to core 0, loopback only, bounded durations, and
+all servers are measured in the same run in interleaved rounds (these machines are noisy: compare only
+within one run). Ours is started the real way, through systemd-socket-activate (fd hand-over).
+
+    .venv/bin/python bench/bench_core.py [--duration 5] [--rounds 2] [--connections 50]
+
+Prints a table with the ratios to the targets of issue 3 and writes raw JSON to bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+BIN = Path(PY).parent
+NODE_APP = ("require('http').createServer((q,s)=>{s.writeHead(200,{'Content-Type':'text/plain'});"
+            "s.end('Hello, world!\\n')}).listen(+process.argv[1],'127.0.0.1')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def servers(port: int, extra: list[str]) -> dict[str, list[str]]:
+    ssa = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-activate"
+    return {
+        "clusterctl": [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(REPO), PY, "-m",
+                       "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log", *extra],
+        "granian": [str(BIN / "granian"), "--interface", "wsgi", "--workers", "1", "--host", "127.0.0.1",
+                    "--port", str(port), "--no-ws", "examples.hello:app"],
+        "gunicorn-sync": [str(BIN / "gunicorn"), "-w", "1", "-b", f"127.0.0.1:{port}", "--log-level",
+                          "warning", "examples.hello:app"],
+        "node20": ["/usr/bin/node", "-e", NODE_APP, str(port)],
+    }
+
+
+def wait_ready(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+                s.settimeout(5)
+                if s.recv(100).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server on {port} did not answer")
+
+
+def wrk(port: int, duration: int, conns: int, close: bool) -> float:
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{duration}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                         timeout=duration + 30, check=True).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(out)
+    return float(m.group(1))
+
+
+def measure(name: str, argv: list[str], port: int, args: argparse.Namespace) -> dict[str, float]:
+    proc = subprocess.Popen(["taskset", "-c", "1", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ready(port)
+        wrk(port, 1, args.connections, False)  # warm-up
+        return {"keepalive": wrk(port, args.duration, args.connections, False),
+                "close": wrk(port, args.duration, args.connections, True)}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and any children it forked
+        proc.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--worker-args", default="", help="extra flags for our worker")
+    args = ap.parse_args()
+    raw: dict[str, list[dict[str, float]]] = {}
+    for rnd in range(args.rounds):
+        port = free_port()
+        for name, argv in servers(port, args.worker_args.split()).items():
+            if args.only and name not in args.only:
+                continue
+            port = free_port()
+            argv = servers(port, args.worker_args.split())[name]
+            r = measure(name, argv, port, args)
+            raw.setdefault(name, []).append(r)
+            print(f"round {rnd + 1} {name:14} keep-alive {r['keepalive']:9.0f}  close {r['close']:9.0f}",
+                  flush=True)
+    best = {n: {k: max(r[k] for r in rs) for k in ("keepalive", "close")} for n, rs in raw.items()}
+    print(f"\n{'server':14} {'keep-alive':>11} {'close':>9}   (best of {args.rounds} rounds, req/s)")
+    for n, b in best.items():
+        print(f"{n:14} {b['keepalive']:11.0f} {b['close']:9.0f}")
+    if "clusterctl" in best:
+        ours = best["clusterctl"]
+        print("\nratios (ours / peer):")
+        targets = {("node20", "keepalive"): 1.25, ("granian", "keepalive"): 1.3,
+                   ("gunicorn-sync", "keepalive"): 10.0, ("node20", "close"): 1.0}
+        for (peer, mode), target in targets.items():
+            if peer in best:
+                ratio = ours[mode] / best[peer][mode]
+                print(f"  {mode:9} vs {peer:14} {ratio:6.2f}x  (target >= {target}x) "
+                      f"{'ok' if ratio >= target else 'MISSED'}")
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"core-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"args": vars(args), "raw": raw, "best": best}, indent=2))
+    print(f"\nraw: {path}")
+
+
+if __name__ == "__main__":
+    main()
