@@ -51,9 +51,12 @@ def env_quote(key: str, value: str) -> str:
 
 
 def worker_argv(plan: Plan) -> list[str]:
-    """The worker's command line; `%i` (the instance) is left for systemd to expand."""
+    """The worker's command line; `%i` (the instance) is left for systemd to expand.
+
+    `--backlog` repeats the socket's Backlog=: the event loop calls listen() again on the inherited
+    socket, and with any other value that would silently change the queue length systemd set."""
     return [plan.python, "-m", "clusterctl.worker", "--app", plan.app, "--name", plan.name,
-            "--instance", "%i", "--drain-timeout", str(plan.drain_timeout)]
+            "--instance", "%i", "--drain-timeout", str(plan.drain_timeout), "--backlog", str(plan.backlog)]
 
 
 def generate_command(plan: Plan) -> str:

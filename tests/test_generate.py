@@ -80,7 +80,7 @@ def test_shared_layout(appdir: Path) -> None:
                  f"WorkingDirectory={appdir}", "Environment=PYTHONUNBUFFERED=1"):
         assert line + "\n" in svc, line
     assert (f"ExecStart={sys.executable} -m clusterctl.worker --app myapp:app --name web --instance %i "
-            "--drain-timeout 25\n") in svc
+            "--drain-timeout 25 --backlog 4096\n") in svc
     assert [line for line in target.splitlines() if line.startswith("Wants=")] == [
         "Wants=web.socket", "Wants=web@1.service", "Wants=web@2.service", "Wants=web@3.service"]
     assert "WantedBy=multi-user.target" in target
