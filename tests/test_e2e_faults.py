@@ -134,7 +134,7 @@ def test_memory_max_oom_kill_is_restarted_and_logged(sandbox: sb.Sandbox, faulty
                 break
             time.sleep(0.2)
         if show(faulty, 1, "MainPID")["MainPID"] == pid0:
-            pytest.skip(f"MemoryMax= not enforced in this sandbox's cgroup layout ({limit}): documented in docs/hardening.md")
+            pytest.skip(f"MemoryMax= not enforced in this sandbox's cgroup layout ({limit}): documented in README.md, Hardening")
         assert int(show(faulty, 1, "NRestarts")["NRestarts"]) > restarts0
         journal = faulty.journalctl("-u", f"{NAME}@1.service", "-o", "cat", "-n", "50")
         # unified cgroup tree: "Failed with result 'oom-kill'"; hybrid (v1 memory controller, as here): the

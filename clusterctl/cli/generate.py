@@ -30,7 +30,7 @@ _PLAN_OPTIONS = [
     click.option("--cpu-quota", metavar="PCT", help="CPU limit per worker (CPUQuota=), e.g. 150%."),
     click.option("--tasks-max", metavar="N", help="Most threads and processes per worker (TasksMax=), e.g. 64."),
     click.option("--harden/--no-harden", default=True, show_default=True,
-                 help="Sandbox the workers (ProtectSystem=strict, no capabilities, syscall filter; see docs/hardening.md)."),
+                 help="Sandbox the workers (ProtectSystem=strict, no capabilities, syscall filter; see README: Hardening)."),
     click.option("--rw-path", multiple=True, metavar="DIR",
                  help="A directory the workers may write (ReadWritePaths=); everything else is read-only. Repeatable."),
     click.option("--protect-home", type=click.Choice(["no", "read-only", "tmpfs", "yes"]), default=None,
