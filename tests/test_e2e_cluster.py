@@ -44,6 +44,20 @@ class Cluster:
         with sb.netns(self.sandbox):
             return request(self.port, path)
 
+    def get_in_background(self, path: str) -> tuple[threading.Thread, list[object]]:
+        """Start one GET in a thread; the list receives its (status, body) or the OSError it died with."""
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                outcome.append(self.get(path))
+            except OSError as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t, outcome
+
     def show(self, prop: str) -> list[str]:
         rows = self.sd.show([f"{self.name}@{i}.service" for i in range(1, self.workers + 1)], (prop,))
         return [r.get(prop, "") for r in rows]
@@ -136,16 +150,7 @@ def test_kill_9_is_replaced_and_loses_at_most_in_flight(cluster: Cluster) -> Non
 
 def test_watchdog_kills_a_hung_worker(cluster: Cluster) -> None:
     before = dict(zip(cluster.show("Id"), cluster.show("MainPID"), strict=True))
-    outcome: list[object] = []
-
-    def hang() -> None:
-        try:
-            outcome.append(cluster.get("/hang"))
-        except OSError as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=hang, daemon=True)
-    t.start()
+    t, outcome = cluster.get_in_background("/hang")
     deadline = time.monotonic() + WATCHDOG + 15
     changed: list[str] = []
     while time.monotonic() < deadline and not changed:
@@ -162,16 +167,7 @@ def test_watchdog_kills_a_hung_worker(cluster: Cluster) -> None:
 
 
 def test_sigterm_drains_a_slow_request(cluster: Cluster) -> None:
-    result: list[object] = []
-
-    def slow() -> None:
-        try:
-            result.append(cluster.get("/slow?seconds=1.5"))
-        except OSError as e:
-            result.append(e)
-
-    t = threading.Thread(target=slow, daemon=True)
-    t.start()
+    t, result = cluster.get_in_background("/slow?seconds=1.5")
     time.sleep(0.4)  # the request is being served (its worker sleeps in the app)
     t0 = time.monotonic()
     cluster.sd.systemctl("restart", *[f"{cluster.name}@{i}.service" for i in range(1, cluster.workers + 1)])
