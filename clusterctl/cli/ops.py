@@ -232,12 +232,23 @@ def _print_status(st: ops.ClusterStatus) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", "-w", is_flag=True, help="Refresh every 2 seconds until interrupted.")
+@click.option("--inventory", "-i", type=click.Path(path_type=Path), metavar="INV",
+              help="Every host of an Ansible inventory, with host and release columns (see clusterctl deploy).")
 @target_options
-def status(name: str, as_json: bool, watch: bool, sandbox: str | None, user_manager: bool) -> None:
+def status(name: str | None, as_json: bool, watch: bool, inventory: Path | None, sandbox: str | None,
+           user_manager: bool) -> None:
     """One row per worker, like `pm2 ls`: pid, state, uptime, restarts, CPU, memory, requests."""
+    # --- fleet: the whole inventory, through clusterctl.deploy (NAME defaults to the inventory's) ---
+    if inventory is not None:
+        from clusterctl.cli.deploy import print_fleet_status
+
+        print_fleet_status(inventory, name, as_json)
+        return
+    if name is None:
+        raise ClusterctlError("status needs NAME (or --inventory INV)", "e.g. clusterctl status hello")
     sd = _sd(sandbox, user_manager)
     while True:
         st = ops.status(sd, name)

@@ -1,0 +1,88 @@
+"""`clusterctl deploy` (rolling deploy across an Ansible inventory) and the fleet table of `status --inventory`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from clusterctl import deploy as dp
+from clusterctl.cli import cli
+from clusterctl.errors import ClusterctlError
+
+
+@cli.command()
+@click.option("--inventory", "-i", type=click.Path(path_type=Path), metavar="INV", help="Ansible inventory of the hosts.")
+@click.option("--release", "-r", type=click.Path(path_type=Path), metavar="PATH|WHEEL",
+              help="The app: its wheel, or the directory it is imported from (with an optional requirements.txt).")
+@click.option("--rollback", is_flag=True, help="Deploy each host's previous release instead.")
+@click.option("--serial", default="1", show_default=True, metavar="N|P%", help="Hosts switched at a time.")
+@click.option("--health-url", metavar="PATH", help="GET PATH must answer 2xx after each batch of workers and each host.")
+@click.option("--check", is_flag=True, help="Show what would change on each host; change nothing.")
+@click.option("--name", metavar="NAME", help="Cluster name (default: clusterctl_name from the inventory).")
+@click.option("--app", metavar="MODULE:CALLABLE", help="The WSGI app (default: clusterctl_app from the inventory).")
+@click.option("--workers", metavar="auto|N", help="Workers per host (default: clusterctl_workers, else auto).")
+@click.option("--listen", multiple=True, metavar="ADDR", help="Listen address on each host; repeatable (default 0.0.0.0:8000).")
+@click.option("--generate-arg", "generate_args", multiple=True, metavar="ARG",
+              help="One more `clusterctl generate` argument for the hosts, e.g. --generate-arg=--memory-max=512M.")
+@click.option("--timeout", type=float, metavar="S", help="Seconds a batch of workers may take to be READY (default 60).")
+@click.option("--wheels", type=click.Path(path_type=Path), metavar="DIR",
+              help="Prebuilt wheels of clusterctl and its dependencies for the hosts (default: pip wheel here).")
+@click.option("--ansible-dir", "show_dir", is_flag=True, help="Print where the playbooks are and exit.")
+def deploy(inventory: Path | None, release: Path | None, rollback: bool, serial: str, health_url: str | None, check: bool,
+           name: str | None, app: str | None, workers: str | None, listen: tuple[str, ...],
+           generate_args: tuple[str, ...], timeout: float | None, wheels: Path | None, show_dir: bool) -> None:
+    """Rolling deploy across hosts with Ansible: each host in turn gets the release beside the old ones, its
+    units and a lossless rolling reload; the first host that fails stops the deploy and is moved back."""
+    if show_dir:
+        click.echo(dp.ansible_dir())
+        return
+    if inventory is None:
+        raise ClusterctlError("deploy needs --inventory", "e.g. clusterctl deploy --inventory hosts.ini --release dist/app.whl")
+    result = dp.deploy(inventory, release=release, rollback=rollback, name=name, app=app, workers=workers,
+                       listen=listen, generate_args=generate_args, serial=serial, health_url=health_url,
+                       timeout=timeout, check=check, wheels=wheels, progress=click.echo)
+    if check:
+        click.echo(f"check: {len(result.hosts)} host(s), nothing changed")
+        return
+    switched = [h.host for h in result.hosts if h.switched]
+    click.echo(f"deployed {result.release if not rollback else 'the previous release'} to {len(result.hosts)} host(s)"
+               f" ({len(switched)} switched, {len(result.hosts) - len(switched)} already on it)")
+
+
+def _row(host: str, release: str, i: dict[str, object]) -> list[str]:
+    from clusterctl.cli.ops import _fmt_bytes, _fmt_duration
+
+    cpu = i.get("cpu_s")
+    return [host, release or "-", f"{i.get('instance')}{'' if i.get('configured', True) else '*'}", str(i.get("pid") or "-"),
+            f"{i.get('state')}/{i.get('sub_state')}", _fmt_duration(i.get("uptime_s")),  # type: ignore[arg-type]
+            str(i.get("restarts", 0)), "-" if cpu is None else f"{cpu:.2f}s",
+            "-" if i.get("cpu_pct") is None else f"{i.get('cpu_pct'):.0f}%", _fmt_bytes(i.get("memory_bytes")),  # type: ignore[arg-type]
+            *("-" if i.get(k) is None else str(i.get(k)) for k in ("requests", "in_flight", "errors"))]
+
+
+def print_fleet_status(inventory: Path, name: str | None, as_json: bool) -> None:
+    """`clusterctl status --inventory INV`: one table of every host's instances, with host and release.
+    Exits non-zero (after printing) when a host could not be read."""
+    fleet = dp.fleet_status(inventory, name)
+    if as_json:
+        click.echo(fleet.to_json())
+    else:
+        head = ["host", "release", "instance", "pid", "state", "uptime", "restarts", "cpu", "cpu%", "memory",
+                "requests", "inflight", "errors"]
+        rows = [_row(str(r["host"]), str(r["release"]), r) for r in fleet.instances()]
+        rows += [[h.host, h.release or "-", "-", "-", h.error, *["-"] * 8] for h in fleet.hosts if h.error]
+        widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+        ok = [h for h in fleet.hosts if not h.error]
+        click.echo(f"{fleet.name or name or '?'}: {len(ok)}/{len(fleet.hosts)} hosts answered, "
+                   f"{len(fleet.instances())} instances")
+        tty = sys.stdout.isatty()
+        line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+        click.echo(click.style(line, bold=True) if tty else line)
+        for r in rows:
+            text = "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+            click.echo(click.style(text, fg="red") if tty and "active/running" not in r[4] else text)
+    bad = [h for h in fleet.hosts if h.error]
+    if bad:
+        raise ClusterctlError("; ".join(f"{h.error if h.error.startswith(h.host) else f'{h.host}: {h.error}'}" for h in bad))
