@@ -6,6 +6,7 @@ the fix. Rendering (generate.py) and later operations read only the plan, never 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -93,6 +94,9 @@ class Plan:
     backlog: int = BACKLOG
     drain_timeout: int = DRAIN_TIMEOUT
     watchdog_sec: int = WATCHDOG_SEC
+    # The periodic primary task (NAME-task.timer + NAME-task.service): MODULE:FUNC and its interval.
+    task: str | None = None
+    every: str | None = None
     cpu_budget: CpuBudget | None = field(default=None, compare=False)
     # Things that will not stop generate but will likely stop the workers; the CLI prints them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -100,6 +104,12 @@ class Plan:
     @property
     def instances(self) -> list[int]:
         return list(range(1, self.workers + 1))
+
+    @property
+    def service_user(self) -> str | None:
+        """User= of the units. With a dynamic user it is named after the cluster, so every instance and the
+        task share ONE uid and with it the runtime directory (a nameless DynamicUser= gives each its own)."""
+        return self.user or (dynamic_user_name(self.name) if self.harden else None)
 
     @property
     def stop_timeout(self) -> int:
@@ -116,6 +126,17 @@ def socket_unit(name: str, balance: str, instance: int | str | None = None) -> s
     if balance == "shared":
         return f"{name}.socket"
     return f"{name}-listen@{'' if instance is None else instance}.socket"
+
+
+def dynamic_user_name(name: str) -> str:
+    """NAME itself when systemd accepts it for a dynamic user (lower case, digits, '_' and '-', at most 31,
+    not starting with a digit: measured, 'my.app' and '1abc' fail to start with 'Invalid argument'); else
+    a valid form of it with a hash, so two clusters never share a uid by accident."""
+    if re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", name):
+        return name
+    base = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")[:22]
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{base if base[:1].isalpha() else 'c' + base[:21]}-{digest}"
 
 
 def parse_app(spec: str) -> str:
@@ -187,6 +208,49 @@ def parse_workers(value: str, budget: CpuBudget | None = None) -> tuple[int, Cpu
     if int(value) > 1024:
         raise ClusterctlError(f"--workers {value} is more than 1024", "use at most a few workers per CPU")
     return int(value), budget
+
+
+_SPAN_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1, "sec": 1, "second": 1, "seconds": 1,
+               "m": 60, "min": 60, "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+               "d": 86400, "day": 86400, "days": 86400, "w": 604800, "week": 604800, "weeks": 604800}
+SPAN_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def timespan_seconds(value: str) -> float:
+    """A systemd time span (`10s`, `1min 30s`, `2h`, a bare number is seconds) in seconds; ValueError if not one."""
+    text = value.strip().lower()
+    pos, total = 0, 0.0
+    if not text:
+        raise ValueError(value)
+    while pos < len(text):
+        m = SPAN_RE.match(text, pos)
+        if not m or m.group(2) not in (*_SPAN_UNITS, ""):
+            raise ValueError(value)
+        total += float(m.group(1)) * _SPAN_UNITS.get(m.group(2), 1)
+        pos = m.end()
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+    return total
+
+
+def parse_task(task: str | None, every: str | None) -> tuple[str | None, str | None]:
+    """--task MODULE:FUNC and --every SPAN come together; the span must be one systemd parses, >= 1s."""
+    if task is None and every is None:
+        return None, None
+    if task is None or every is None:
+        raise ClusterctlError("--every and --task go together",
+                              "pass both, e.g. --every 10s --task myproject.tasks:count_users")
+    if not APP_RE.match(task):
+        raise ClusterctlError(f"--task {task!r} is not MODULE:FUNC",
+                              "name a module and a function returning a JSON object, e.g. --task myproject.tasks:count_users")
+    try:
+        seconds = timespan_seconds(every)
+    except ValueError:
+        raise ClusterctlError(f"--every {every!r} is not a time span",
+                              "use a systemd time span, e.g. --every 10s, --every 5min, --every '1h 30min'") from None
+    if seconds < 1:
+        raise ClusterctlError(f"--every {every} is shorter than 1s", "run the task at most once a second, e.g. --every 1s")
+    return task, " ".join(every.split())
 
 
 def parse_env(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
@@ -325,7 +389,7 @@ out(ok=callable(obj), kind=type(obj).__name__)
 """
 
 
-def check_import(app: str, python: str, working_dir: str) -> None:
+def check_import(app: str, python: str, working_dir: str, option: str = "--app") -> None:
     """Import the app with the workers' python, from their working directory, and confirm a callable.
 
     Done in a child process so the check sees exactly what a worker will see (its interpreter, its
@@ -339,7 +403,7 @@ def check_import(app: str, python: str, working_dir: str) -> None:
         verdict = None
     if verdict is None:
         raise ClusterctlError(
-            f"--app {app}: the import check with {python} failed: {(result.stderr or '').strip()[-300:] or 'no output'}",
+            f"{option} {app}: the import check with {python} failed: {(result.stderr or '').strip()[-300:] or 'no output'}",
             "run the python yourself to see why, or skip the check with --no-check-import",
         )
     module = app.partition(":")[0]
@@ -348,17 +412,19 @@ def check_import(app: str, python: str, working_dir: str) -> None:
         raise ClusterctlError(f"--python {python} cannot import clusterctl, so the workers could not start",
                               f"install it there: {python} -m pip install clusterctl")
     if err == "module":
-        raise ClusterctlError(f"--app {app}: module {verdict.get('missing') or module!r} not found from {working_dir}",
+        raise ClusterctlError(f"{option} {app}: module {verdict.get('missing') or module!r} not found from {working_dir}",
                               "check the spelling, pass --working-dir where it lives, or --python of the venv that has it")
     if err == "import":
-        raise ClusterctlError(f"--app {app}: importing {module} raised {verdict.get('detail')}",
+        raise ClusterctlError(f"{option} {app}: importing {module} raised {verdict.get('detail')}",
                               "fix the app so it imports, then run generate again")
     if err == "attr":
-        raise ClusterctlError(f"--app {app}: module {module} has no attribute {verdict.get('detail')!r}",
-                              "name the WSGI callable after the colon, e.g. --app myproject.wsgi:application")
+        raise ClusterctlError(f"{option} {app}: module {module} has no attribute {verdict.get('detail')!r}",
+                              "name the WSGI callable after the colon, e.g. --app myproject.wsgi:application" if option == "--app"
+                              else "name the function after the colon, e.g. --task myproject.tasks:count_users")
     if not verdict.get("ok"):
-        raise ClusterctlError(f"--app {app} is a {verdict.get('kind')}, not a callable",
-                              "point --app at the WSGI application object")
+        raise ClusterctlError(f"{option} {app} is a {verdict.get('kind')}, not a callable",
+                              "point --app at the WSGI application object" if option == "--app"
+                              else f"point {option} at a function")
 
 
 def _protect_home(value: str | None, harden: bool, paths: list[tuple[str, str]]) -> str:
@@ -415,6 +481,8 @@ def build_plan(
     backlog: int = BACKLOG,
     drain_timeout: int = DRAIN_TIMEOUT,
     watchdog_sec: int = WATCHDOG_SEC,
+    every: str | None = None,
+    task: str | None = None,
     check: bool = True,
     budget: CpuBudget | None = None,
 ) -> Plan:
@@ -433,6 +501,7 @@ def build_plan(
         raise ClusterctlError(f"--drain-timeout {drain_timeout} is out of range", "use 1-3600 seconds")
     if not 0 <= watchdog_sec <= 3600:
         raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
+    task, every = parse_task(task, every)
     py = resolve_python(python)
     wd = resolve_working_dir(working_dir)
     rw = parse_rw_paths(rw_path)
@@ -455,9 +524,12 @@ def build_plan(
         memory_max=parse_size(memory_max, "--memory-max"), memory_high=parse_size(memory_high, "--memory-high"),
         cpu_quota=parse_percent(cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(tasks_max),
         harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
-        backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, cpu_budget=budget,
+        backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, task=task, every=every,
+        cpu_budget=budget,
         warnings=tuple(warnings),
     )
     if check:
         check_import(plan.app, plan.python, plan.working_dir)
+        if plan.task:
+            check_import(plan.task, plan.python, plan.working_dir, "--task")
     return plan

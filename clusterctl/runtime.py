@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Any
 
-from clusterctl import notify
+from clusterctl import messaging, notify
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
 from clusterctl.worker import WorkerConfig
@@ -147,6 +147,7 @@ class Runtime:
         self.deadline = 0.0
         self.last_status = ""
         self.notifying = notify.enabled()
+        self.inbox: messaging.Inbox | None = None
 
     @staticmethod
     def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -169,6 +170,8 @@ class Runtime:
             if self.access is not None:
                 self.access.flush()
             self.server.close()
+            if self.inbox is not None:  # messaging hook
+                self.inbox.close()
             loop.close()
         log.info("exiting with %d", code)
         return code
@@ -177,6 +180,8 @@ class Runtime:
         loop = self.loop
         for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: no window for a default death
             loop.add_signal_handler(sig, self.on_signal, sig)
+        # messaging hook: bind /run/NAME/worker-I.sock and load the saved state before serving and READY=1
+        self.inbox = messaging.Inbox.start(loop, self.cfg.instance)
         await self.server.serve(self.socks, self.cfg.backlog)
         if self.draining:  # a signal arrived while we were starting
             self.server.stop_accepting()

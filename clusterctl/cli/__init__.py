@@ -43,6 +43,7 @@ def _register() -> None:
     # Imported here so each command module can import `cli` without a cycle.
     from clusterctl.cli import deploy as _deploy  # noqa: F401
     from clusterctl.cli import generate as _generate  # noqa: F401
+    from clusterctl.cli import messaging as _messaging  # noqa: F401
     from clusterctl.cli import ops as _ops  # noqa: F401
     from clusterctl.cli import run as _run  # noqa: F401
     from clusterctl.cli import sandbox as _sandbox  # noqa: F401

@@ -42,8 +42,12 @@ _PLAN_OPTIONS = [
                  help="Seconds a stopping worker may finish in-flight requests."),
     click.option("--watchdog-sec", type=int, default=WATCHDOG_SEC, show_default=True,
                  help="Kill a worker whose event loop is blocked this long (0: off)."),
+    click.option("--every", metavar="SPAN",
+                 help="Run --task this often (a systemd time span: 10s, 5min); NAME-task.timer + NAME-task.service."),
+    click.option("--task", metavar="MODULE:FUNC",
+                 help="Periodic primary task: FUNC's returned JSON object is broadcast to every worker (worker.state)."),
     click.option("--check-import/--no-check-import", default=True, show_default=True,
-                 help="Import the app with the target python before writing anything."),
+                 help="Import the app (and --task) with the target python before writing anything."),
 ]
 
 
@@ -58,7 +62,7 @@ def plan_from_options(options: dict[str, Any]) -> Plan:
     """Build the Plan from the plan options; pops them so the caller keeps only its own."""
     keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
-            "backlog", "drain_timeout", "watchdog_sec")
+            "backlog", "drain_timeout", "watchdog_sec", "every", "task")
     kwargs = {k: options.pop(k) for k in keys}
     plan = build_plan(**kwargs, check=options.pop("check_import"))
     for warning in plan.warnings:
@@ -83,6 +87,8 @@ def generate(output: Path | None, show_diff: bool, force: bool, verify: bool, ve
             click.echo(f"workers: {plan.workers} (from --workers)")
         click.echo(f"layout: {plan.balance}; listen: {', '.join(a.unit_value for a in plan.listen)}")
         click.echo(f"python: {plan.python}; working dir: {plan.working_dir}")
+        if plan.task:
+            click.echo(f"task: {plan.task} every {plan.every} (broadcast to every worker)")
     out = output if output is not None else Path("units") / plan.name
     if show_diff:
         diff, _stale = gen.diff_against(out, gen.render(plan), plan.name)

@@ -1,0 +1,333 @@
+"""Primary-to-worker messages, the systemd way: a Unix datagram socket per worker in the unit's
+RuntimeDirectory, and the last broadcast state in a file beside them.
+
+Layout of the runtime directory (RuntimeDirectory=NAME, shared by every instance and the task unit,
+preserved across restarts, mode 0700 and owned by the service user):
+
+    /run/NAME/worker-I.sock   bound by instance I on start (a stale one is replaced)
+    /run/NAME/state.json      the merge of every broadcast so far, replaced atomically (tmp + rename)
+
+A broadcast merges its top-level keys into state.json first, then sends one datagram to every socket;
+a worker binds its socket first, then loads state.json. Whatever the interleaving, a worker either finds
+the new value in the file or gets the datagram, so one that starts or restarts later is never stale.
+
+Both sides live here. The worker side (`Inbox`) must stay cheap to import (stdlib only, no click, no
+ops): it runs on every worker start. The sending side takes a directory path, so the CLI can pass a
+`Systemd.path()` (a sandbox's /run through /proc/PID/root) and the task unit its own RUNTIME_DIRECTORY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("clusterctl.messaging")
+
+#: Largest message, as compact JSON. Datagrams are atomic: a message arrives whole or not at all.
+MAX_MESSAGE = 64 * 1024
+#: Envelope around a message: {"kind": "broadcast"|"send", "data": MESSAGE}.
+_ENVELOPE = 64
+STATE_FILE = "state.json"
+SOCKET_RE = re.compile(r"^worker-([A-Za-z0-9_.-]+)\.sock$")
+INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SEND_TIMEOUT = 1.0  # a worker whose queue stays full this long is reported, not waited for
+
+
+class MessageError(ValueError):
+    """A message that cannot be sent: not JSON, not an object, or too large. Nothing was sent."""
+
+
+def socket_name(instance: str) -> str:
+    return f"worker-{instance}.sock"
+
+
+# --- encoding ---------------------------------------------------------------------------------------
+
+def encode(message: Any) -> bytes:
+    """A message (a dict) as compact JSON bytes, checked: a JSON object of at most MAX_MESSAGE bytes."""
+    if not isinstance(message, dict):
+        raise MessageError(f"a message must be a JSON object ({{...}}), not a {type(message).__name__}"
+                           " (e.g. {\"usersCount\": 42})")
+    try:
+        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise MessageError(f"the message is not JSON-serialisable: {e}") from None
+    if len(data) > MAX_MESSAGE:
+        raise MessageError(f"the message is {len(data)} bytes of JSON, more than the limit of {MAX_MESSAGE}"
+                           " (send a key or an id, and keep the bulk in a file or database)")
+    return data
+
+
+def parse(text: str | bytes) -> dict[str, Any]:
+    """JSON text from a user (the CLI's argument) -> the message dict, or MessageError saying why."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > 4 * MAX_MESSAGE:  # do not even parse something this large
+        raise MessageError(f"the message is {len(raw)} bytes, more than the limit of {MAX_MESSAGE}")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MessageError(f"the message is not valid JSON: {e}") from None
+    encode(value)  # type and size checks
+    return value
+
+
+def _envelope(kind: str, data: bytes) -> bytes:
+    return b'{"kind":"' + kind.encode() + b'","data":' + data + b"}"
+
+
+def decode(datagram: bytes) -> tuple[str, dict[str, Any]]:
+    """A received datagram -> (kind, message); ValueError for anything malformed."""
+    if len(datagram) > MAX_MESSAGE + _ENVELOPE:
+        raise ValueError(f"datagram of {len(datagram)}+ bytes is over the limit")
+    env = json.loads(datagram)
+    if not isinstance(env, dict) or env.get("kind") not in ("broadcast", "send") or not isinstance(env.get("data"), dict):
+        raise ValueError("not a clusterctl message (want {\"kind\": \"broadcast\"|\"send\", \"data\": {...}})")
+    return env["kind"], env["data"]
+
+
+# --- state file -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _dir_fd(directory: str | Path) -> Iterator[int]:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"runtime directory {directory} does not exist") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """The saved state, or {} when there is none yet; a broken file is logged and ignored."""
+    try:
+        with open(Path(directory) / STATE_FILE, "rb") as f:
+            value = json.loads(f.read())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: %s", Path(directory) / STATE_FILE, e)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def save_state(dfd: int, update: dict[str, Any]) -> dict[str, Any]:
+    """Merge `update` into state.json under the directory's lock; returns the new state.
+
+    Written to a temporary file, then renamed over the old one: readers see the old or the new file,
+    never half of one. The lock (flock on the directory) keeps two broadcasters from losing an update.
+    When root writes it (the CLI), the file is given to the directory's owner, the service user."""
+    fcntl.flock(dfd, fcntl.LOCK_EX)
+    try:
+        try:
+            with open(STATE_FILE, "rb", opener=lambda p, fl: os.open(p, fl, dir_fd=dfd)) as f:
+                old = json.loads(f.read())
+        except (OSError, ValueError):
+            old = {}
+        state = {**(old if isinstance(old, dict) else {}), **update}
+        tmp = f".{STATE_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            os.write(fd, json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode())
+            os.fchmod(fd, 0o600)
+            st = os.fstat(dfd)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):  # chown is filtered out in the units
+                os.fchown(fd, st.st_uid, st.st_gid)
+        finally:
+            os.close(fd)
+        os.rename(tmp, STATE_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return state
+    finally:
+        fcntl.flock(dfd, fcntl.LOCK_UN)
+
+
+# --- sending ----------------------------------------------------------------------------------------
+
+@dataclass
+class Delivery:
+    """Who got a message: instances that received it, and why the others did not."""
+
+    kind: str
+    size: int
+    received: list[str] = field(default_factory=list)
+    missed: dict[str, str] = field(default_factory=dict)
+
+    def summary(self, name: str) -> str:
+        total = len(self.received) + len(self.missed)
+        text = f"{name}: {self.kind} of {self.size} bytes received by {len(self.received)}/{total} instance(s)"
+        if self.received:
+            text += f": {', '.join(self.received)}"
+        if self.missed:
+            text += "; not received by " + ", ".join(f"{i} ({why})" for i, why in self.missed.items())
+        return text
+
+
+def _order(instance: str) -> tuple[int, str]:
+    return (int(instance), "") if instance.isdigit() else (1 << 30, instance)
+
+
+def _send_one(sock: socket.socket, dfd: int, instance: str, datagram: bytes) -> str | None:
+    """Send to one worker's socket; None when it got it, else why not."""
+    # Through the directory's fd: a short path whatever the directory's (a sandbox's /proc/PID/root/run/...
+    # can pass the 108-byte limit of sun_path).
+    try:
+        sock.sendto(datagram, f"/proc/self/fd/{dfd}/{socket_name(instance)}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        return "not running"
+    except PermissionError:
+        return "permission denied (run as root or as the service user)"
+    except (TimeoutError, BlockingIOError):
+        return f"its queue stayed full for {SEND_TIMEOUT:g}s (event loop blocked?)"
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def deliver(directory: str | Path, message: dict[str, Any], *, instance: str | None = None,
+            expected: Sequence[str] = ()) -> Delivery:
+    """Broadcast `message` to every worker with a socket in `directory` (and save it as state), or send it
+    to one `instance` only (not saved). `expected` instances without a socket are reported as not running.
+
+    Raises MessageError (bad message) or FileNotFoundError (no runtime directory) before sending anything.
+    """
+    data = encode(message)
+    kind = "send" if instance is not None else "broadcast"
+    if instance is not None and not INSTANCE_RE.match(instance):
+        raise MessageError(f"{instance!r} is not an instance name (e.g. 2)")
+    with _dir_fd(directory) as dfd:
+        if instance is not None:
+            targets = [instance]
+        else:
+            save_state(dfd, message)
+            found = {m.group(1) for n in os.listdir(dfd) if (m := SOCKET_RE.match(n))}
+            targets = sorted(found | set(expected), key=_order)
+        result = Delivery(kind, len(data))
+        datagram = _envelope(kind, data)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(SEND_TIMEOUT)
+            for i in targets:
+                why = _send_one(sock, dfd, i, datagram)
+                if why is None:
+                    result.received.append(i)
+                else:
+                    result.missed[i] = why
+    return result
+
+
+# --- the worker side --------------------------------------------------------------------------------
+
+class Inbox:
+    """A worker's datagram socket, read on the event loop; updates `clusterctl.worker.state` and calls
+    the app's `on_message` handlers. Never raises into the loop: a bad message is logged and dropped."""
+
+    def __init__(self, directory: str | Path, instance: str) -> None:
+        import clusterctl.worker as api  # the module the app imported (not __main__ under python -m)
+
+        self.api = api
+        self.directory = Path(directory)
+        self.path = self.directory / socket_name(instance)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # left by this instance's previous process (RuntimeDirectoryPreserve=yes)
+            self.sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            self.ino = os.stat(self.path).st_ino
+        except OSError:
+            self.sock.close()
+            raise
+        self.loop: Any = None
+
+    @classmethod
+    def start(cls, loop: Any, instance: str) -> Inbox | None:
+        """Bind, load the saved state, and read on `loop`; call before READY=1. None (messaging off) outside
+        a unit with RuntimeDirectory= (e.g. `clusterctl run`), or when the socket cannot be bound."""
+        directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if not directory or not instance:
+            return None
+        try:
+            inbox = cls(directory, instance)
+        except OSError as e:
+            log.warning("messaging off: cannot bind %s: %s", Path(directory) / socket_name(instance), e)
+            return None
+        state = load_state(directory)
+        if state:
+            inbox.api._set_state(state)
+            inbox._dispatch(state)  # handlers see the saved state once, as if it were one broadcast
+        inbox.attach(loop)
+        return inbox
+
+    def attach(self, loop: Any) -> None:
+        self.loop = loop
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(64):  # bounded: a flood must not starve the requests
+            try:
+                datagram = self.sock.recv(MAX_MESSAGE + _ENVELOPE + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("message socket: %s", e)
+                return
+            self.handle(datagram)
+
+    def handle(self, datagram: bytes) -> None:
+        try:
+            kind, message = decode(datagram)
+        except ValueError as e:
+            log.warning("dropped a bad message (%d bytes): %s", len(datagram), e)
+            return
+        if kind == "broadcast":
+            self.api._set_state({**self.api.state.snapshot(), **message})
+        self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        for handler in list(self.api._handlers):
+            try:
+                handler(message)
+            except Exception:
+                log.exception("message handler %s raised; the message is dropped for it",
+                              getattr(handler, "__qualname__", handler))
+
+    def close(self) -> None:
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.ino:  # ours, not a successor's
+                self.path.unlink()
+
+
+def runtime_dir(name: str, *, user: bool = False) -> str:
+    """RuntimeDirectory=NAME as a path: /run/NAME, or $XDG_RUNTIME_DIR/NAME for a user manager."""
+    if user:
+        base = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        return f"{base}/{name}"
+    return f"/run/{name}"
+
+
+def remove_runtime_dir(path: Path) -> None:
+    """Remove a cluster's runtime directory (uninstall). With DynamicUser= systemd makes /run/NAME a symlink
+    to /run/private/NAME: both go. (`systemctl clean --what=runtime` would need D-Bus.)"""
+    import shutil
+
+    if path.is_symlink():
+        # Never resolve() here: under a sandbox's /proc/PID/root that would land on the host's /run.
+        link = os.readlink(path)
+        path.unlink()
+        if not os.path.isabs(link) and ".." not in Path(link).parts:
+            shutil.rmtree(path.parent / link, ignore_errors=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
