@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from clusterctl import messaging
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.plan import NAME_RE, socket_unit
 from clusterctl.systemd import Systemd
@@ -89,7 +90,8 @@ def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = Fa
                               "point install at one output directory of clusterctl generate")
     name = check_name(targets[0].name.removesuffix(".target"))
     files = sorted(p for p in source.iterdir()
-                   if p.is_file() and p.name.startswith((f"{name}.", f"{name}@.", f"{name}-listen@.")))
+                   if p.is_file() and p.name.startswith((f"{name}.", f"{name}@.", f"{name}-listen@.",
+                                                         f"{name}-task.")))  # messaging: the periodic task
     sd.require_root()
     sd.check()
     unit_dir = sd.path(sd.unit_dir)
@@ -126,9 +128,12 @@ def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
                               "check the name with `systemctl list-units '*.target'`")
     files = json.loads(manifest.read_text())["files"]
     sd.systemctl("disable", "--now", f"{name}.target", check=False)
-    units = [*sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.*"), *sd.list_units(socket_unit(name, "reuseport", "*"))]
+    units = [*sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.*"), *sd.list_units(socket_unit(name, "reuseport", "*")),
+             *sd.list_units(f"{name}-task.*")]  # messaging: the periodic task
     if units:
         sd.systemctl("stop", *units, check=False)
+    # messaging: RuntimeDirectoryPreserve=yes keeps /run/NAME (sockets, state.json) past stop; uninstall clears it
+    messaging.remove_runtime_dir(sd.path(messaging.runtime_dir(name, user=sd.user)))
     for f in files:
         sd.path(f).unlink(missing_ok=True)
         progress(f"removed {f}")
@@ -156,7 +161,7 @@ def stop_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     """Stop the target, every instance (each drains first) and the socket(s)."""
     installed(sd, name)
     units = [f"{name}.target", *sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.socket"),
-             *sd.list_units(socket_unit(name, "reuseport", "*"))]
+             *sd.list_units(socket_unit(name, "reuseport", "*")), *sd.list_units(f"{name}-task.*")]
     sd.systemctl("stop", *units)
     progress(f"{name}: stopped")
 
@@ -203,6 +208,8 @@ class ClusterStatus:
     listen: list[str]
     socket_state: str
     instances: list[InstanceStatus] = field(default_factory=list)
+    # messaging: the periodic task's timer and last run ("" when the cluster has no --task)
+    task: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -289,7 +296,19 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
             requests=req, in_flight=fl, errors=err, status_text=text,
             configured=instance.isdigit() and int(instance) in inst.instances, why=why))
+    out.task = _task_status(sd, name)
     return out
+
+
+def _task_status(sd: Systemd, name: str) -> str:
+    """messaging: one line about NAME-task.timer and its service's last run, or "" without a task."""
+    if not (sd.path(sd.unit_dir) / f"{name}-task.timer").is_file():
+        return ""
+    timer, service = sd.show([f"{name}-task.timer", f"{name}-task.service"],
+                             ("Id", "ActiveState", "SubState", "LastTriggerUSec", "Result"))
+    last = timer.get("LastTriggerUSec") or ""
+    return (f"{timer.get('Id')} {timer.get('ActiveState')}/{timer.get('SubState')}; last run "
+            + (f"{last} ({service.get('Result')})" if last and last != "n/a" else "never"))
 
 
 # --- readiness and health -----------------------------------------------------------------------------

@@ -229,6 +229,8 @@ def _print_status(st: ops.ClusterStatus) -> None:
             click.echo(click.style(text, fg="red") if tty else text)
     if any(not i.configured for i in st.instances):
         click.echo("* not part of the configured worker count (a surge or leftover instance)")
+    if st.task:  # messaging: the periodic task
+        click.echo(f"task: {st.task}")
 
 
 @cli.command()
