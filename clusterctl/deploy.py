@@ -253,7 +253,7 @@ def explain(event: dict[str, Any]) -> ClusterctlError:
                                    "check the host, then update known_hosts (ssh-keyscan)")
         return ClusterctlError(f"{host}: unreachable over ssh ({detail})",
                                "check its address (ansible_host) in the inventory and that sshd runs there")
-    m = re.search(r"(/\S*python[\w.]*): (?:\d+: )?(?:\S+: )?(?:not found|No such file or directory)", text)
+    m = re.search(r"(/[^\s:]*python[^\s:]*): (?:not found|No such file or directory)", text)
     if m or (event.get("rc") == 127 and "interpreter" in msg):
         where = m.group(1) if m else "the configured interpreter"
         return ClusterctlError(f"{host}: no python on the host ({where} not found), so Ansible cannot run there",
