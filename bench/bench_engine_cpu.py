@@ -50,7 +50,7 @@ SCENARIOS: dict[str, tuple[bytes, int]] = {
 class FakeTransport:
     """Just enough of an asyncio transport; counts what is written."""
 
-    __slots__ = ("writes", "nbytes", "closed", "last")
+    __slots__ = ("closed", "last", "nbytes", "writes")
 
     def __init__(self) -> None:
         self.writes = 0
@@ -178,7 +178,7 @@ def main() -> None:
             line = f"{scenario + (' +access-log' if log_on else ''):24} {best * 1e6:7.2f} us/request"
             line += f"  ({1 / best / 1000:6.1f}k req/s CPU-only)"
             if args.instructions:
-                lo, hi = 2000, 12000
+                lo, hi = 1000, 6000
                 ins = (callgrind_instructions(scenario, hi, log_on)
                        - callgrind_instructions(scenario, lo, log_on)) / (hi - lo)
                 line += f"  {ins:9.0f} instructions/request"

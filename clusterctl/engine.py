@@ -85,7 +85,8 @@ class _Reject(Exception):
 
 
 # Request tuple handed from the HTTP layer to an adapter:
-# (method, target, headers[(lowercase name, value)], body, keep_alive, version, content_length_given)
+# (method, target, headers[(name as sent, value)], body, keep_alive, version, content_length_given).
+# Names keep the client's case: an adapter maps them through its own cache (WSGI: environ keys).
 Request = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool, str, bool]
 
 
@@ -111,7 +112,8 @@ class Server:
         self.clock = loop.time()
         self._second = -1
         self.date_line = b""
-        self.head_cache: dict[Any, Any] = {}
+        self.head_cache: dict[Any, Any] = {}  # (status, headers) -> compiled head (engine adapters' own)
+        self.heads: dict[str, Any] = {}  # status -> the last head compiled for it
         self.listeners: list[asyncio.AbstractServer] = []
         self.loop_thread = threading.get_ident()
         self.recycle_at = -1  # served count at which on_recycle fires (--max-requests)
@@ -204,16 +206,16 @@ class HttpProtocol(asyncio.Protocol):
         lim = self.limits
         self.head_limit = lim.max_request_line + lim.max_header_size + 1024
         self.max_header_size = lim.max_header_size
+        self.read_big = False         # this read alone could hold a head over the limit
+        self.measure = False          # this message's head needs its size checked
+        self.version = "1.1"
         # per-message state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.hsize = 0
-        self.body: list[bytes] = []
+        self.hflags = 0               # _H_* bits seen in this head
+        self.expect = b""             # valid only while hflags & _H_EXPECT
+        self.body: list[bytes] | None = None
         self.body_len = 0
-        self.cl_given = False
-        self.expect = b""
-        self.host_count = 0
-        self.te = False
 
     # -- transport callbacks ------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -259,8 +261,13 @@ class HttpProtocol(asyncio.Protocol):
         if self.stop_parsing:
             return
         self.got_bytes = True
+        n = len(data)
+        # A head that fits in one read no larger than max_header_size cannot exceed it: only heads that
+        # span reads or arrive in a big read get their size summed (once, in on_headers_complete).
+        self.read_big = n > self.max_header_size
         if self.in_head:  # a head that began in an earlier read (on_message_begin resets the count)
-            self.head_carry += len(data)
+            self.head_carry += n
+            self.measure = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -276,15 +283,24 @@ class HttpProtocol(asyncio.Protocol):
                 httptools.HttpParserInvalidURLError) as e:
             self._fail(_Reject(400, str(e)))
             return
-        if self.in_head and self.head_carry > self.head_limit:
-            # llhttp buffers an unfinished header line without calling us: bound it here.
-            self._fail(_Reject(431, "request head too large"))
+        if self.in_head and self._head_over():
             return
-        if len(self.queue) > 16 and not self.read_paused:
+        queue = self.queue
+        if len(queue) > 16 and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
-        if not self.busy:
+        if queue and not self.busy:
             self.run_queue()
+
+    def _head_over(self) -> bool:
+        """Bound an unfinished head (llhttp buffers a partial header line without calling us)."""
+        headers = self.headers
+        if (self.head_carry > self.head_limit or len(headers) > self.limits.max_headers
+                or (self.measure and _head_size(headers) > self.max_header_size)):
+            self.headers = []
+            self._fail(_Reject(431, "request head too large"))
+            return True
+        return False
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: answer what was read (run_queue closes after), then close.
@@ -297,16 +313,11 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
-        self.hsize = 0
-        self.body = []
-        self.body_len = 0
-        self.cl_given = False
-        self.expect = b""
-        self.host_count = 0
-        self.te = False
+        self.hflags = 0
+        self.body = None
         self.in_head = True
         self.head_carry = 0
-        self.got_bytes = True
+        self.measure = self.read_big
         self.phase = HEAD
         self.since = self.server.clock
 
@@ -316,68 +327,85 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        self.headers.append((lname, value))
-        self.hsize += len(name) + len(value) + 4
-        if self.hsize > self.max_header_size:
-            raise _Reject(431, "request headers too large")
-        if lname in _SPECIAL:
-            if lname == b"host":
-                self.host_count += 1
-            elif lname == b"content-length":
-                self.cl_given = True
-                if not value.isdigit():
-                    raise _Reject(400, "invalid Content-Length")
-                if int(value) > self.limits.max_body_size:
-                    raise _Reject(413, "body larger than --max-body-size")
-            elif lname == b"expect":
-                self.expect = value.lower()
-            elif lname == b"transfer-encoding":
-                self.te = True
+        # Names stay as sent (no .lower() per header); the few that matter here are found by a cache.
+        self.headers.append((name, value))
+        kind = _HKIND.get(name)
+        if kind is None:
+            kind = _header_kind(name)
+        if kind:
+            self._special_header(kind, value)
+
+    def _special_header(self, kind: int, value: bytes) -> None:
+        if kind == _H_HOST:
+            self.hflags |= _H_HOST_DUP if self.hflags & _H_HOST else _H_HOST
+        elif kind == _H_CL:
+            self.hflags |= _H_CL
+            if not value.isdigit():
+                raise _Reject(400, "invalid Content-Length")
+            if int(value) > self.limits.max_body_size:
+                raise _Reject(413, "body larger than --max-body-size")
+        elif kind == _H_EXPECT:
+            self.hflags |= _H_EXPECT
+            self.expect = value.lower()
+        else:
+            self.hflags |= _H_TE
 
     def on_headers_complete(self) -> None:
-        if len(self.headers) > self.limits.max_headers:
+        headers = self.headers
+        if len(headers) > self.limits.max_headers:
             raise _Reject(431, "too many request headers")
+        if self.measure and _head_size(headers) > self.max_header_size:
+            raise _Reject(431, "request headers too large")
         self.in_head = False
         self.phase = BODY
-        self.since = self.server.clock
-        version = self.parser.get_http_version()
-        if version != "1.1":
-            if version != "1.0":
-                raise _Reject(505 if version[:1] > "1" else 400, f"HTTP/{version} not supported")
-            if self.te:
+        self.version = version = self.parser.get_http_version()
+        hf = self.hflags
+        if version == "1.1":
+            if hf & (_H_HOST | _H_HOST_DUP) != _H_HOST:
+                raise _Reject(400, "HTTP/1.1 request needs exactly one Host header")
+        elif version == "1.0":
+            if hf & _H_TE:
                 raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
-        elif self.host_count != 1:
-            raise _Reject(400, "HTTP/1.1 request needs exactly one Host header")
-        if self.host_count > 1:
-            raise _Reject(400, "more than one Host header")
-        if self.expect:
-            if self.expect != b"100-continue":
-                raise _Reject(417, "unsupported Expect")
-            if version == "1.1" and (self.cl_given or self.te):
-                if self.busy or self.queue:
-                    self.continue_pending = True
-                else:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if hf & _H_HOST_DUP:
+                raise _Reject(400, "more than one Host header")
+        else:
+            raise _Reject(505 if version[:1] > "1" else 400, f"HTTP/{version} not supported")
+        if hf & (_H_CL | _H_TE):
+            self.since = self.server.clock  # a body follows: the body timeout starts now
+            if hf & _H_EXPECT:
+                if self.expect != b"100-continue":
+                    raise _Reject(417, "unsupported Expect")
+                if version == "1.1":
+                    if self.busy or self.queue:
+                        self.continue_pending = True
+                    else:
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif hf & _H_EXPECT and self.expect != b"100-continue":
+            raise _Reject(417, "unsupported Expect")
 
     def on_body(self, body: bytes) -> None:
-        self.body_len += len(body)
+        if self.body is None:
+            self.body = [body]
+            self.body_len = len(body)
+        else:
+            self.body.append(body)
+            self.body_len += len(body)
         if self.body_len > self.limits.max_body_size:
             raise _Reject(413, "body larger than --max-body-size")
-        self.body.append(body)
         self.since = self.server.clock
 
     def on_message_complete(self) -> None:
+        # No clock update here: a queued request is never timed out, and finish() restarts the idle clock.
         body = self.body
+        parser = self.parser
         self.queue.append((
-            self.parser.get_method(), self.url, self.headers,
-            body[0] if len(body) == 1 else b"".join(body),
-            self.parser.should_keep_alive(), self.parser.get_http_version(), self.cl_given,
+            parser.get_method(), self.url, self.headers,
+            b"" if body is None else body[0] if len(body) == 1 else b"".join(body),
+            parser.should_keep_alive(), self.version, self.hflags & _H_CL != 0,
         ))
         self.in_head = False
         self.continue_pending = False
         self.phase = IDLE
-        self.since = self.server.clock
 
     # -- request sequencing ----------------------------------------------------------------------------------
     def run_queue(self) -> None:
@@ -385,19 +413,17 @@ class HttpProtocol(asyncio.Protocol):
         if self.running_queue:
             return
         self.running_queue = True
+        queue = self.queue
+        server = self.server
         try:
-            queue = self.queue
-            while queue and not self.busy and not self.closed and not self.write_paused:
+            while queue and not (self.busy or self.closed or self.write_paused):
                 req = queue.popleft()
-                keep = req[4]
-                if self.server.draining and not queue:
-                    keep = False
                 self.busy = True
-                self.server.in_flight += 1
-                self.handle(req, keep)
+                server.in_flight += 1
+                self.handle(req, req[4] and not (server.draining and not queue))
         finally:
             self.running_queue = False
-        if self.busy or self.closed or self.write_paused or self.queue:
+        if self.busy or self.closed or self.write_paused or queue:
             return
         if self.error is not None:
             self._send_error()
@@ -417,18 +443,18 @@ class HttpProtocol(asyncio.Protocol):
     def finish(self, keep_alive: bool) -> None:
         """The adapter's response is complete (called on the loop thread)."""
         self.busy = False
-        self.server.in_flight -= 1
         server = self.server
+        server.in_flight -= 1
         server.served += 1
         if server.served == server.recycle_at and server.on_recycle is not None:
             server.on_recycle()
-        if not keep_alive or (self.server.draining and not self.queue and self.phase == IDLE):
+        if not keep_alive or (server.draining and not self.queue and self.phase == IDLE):
             self.queue.clear()
             self.stop_parsing = True
             self.close()
             return
         if self.phase == IDLE:
-            self.since = self.server.clock
+            self.since = server.clock
         if not self.running_queue:
             self.run_queue()
 
@@ -517,7 +543,21 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-_SPECIAL = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding"))
+# Request headers the HTTP layer itself looks at, by name as sent (a bounded cache: names are few).
+_H_HOST, _H_CL, _H_EXPECT, _H_TE, _H_HOST_DUP = 1, 2, 4, 8, 16
+_HKIND: dict[bytes, int] = {}
+_HKIND_BY_LOWER = {b"host": _H_HOST, b"content-length": _H_CL, b"expect": _H_EXPECT, b"transfer-encoding": _H_TE}
+
+
+def _header_kind(name: bytes) -> int:
+    kind = _HKIND_BY_LOWER.get(name.lower(), 0)
+    if len(_HKIND) < 4096:
+        _HKIND[name] = kind
+    return kind
+
+
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(n) + len(v) + 4 for n, v in headers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -543,27 +583,98 @@ class FileWrapper:
         raise StopIteration
 
 
-_ENV_KEYS: dict[bytes, str | None] = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
+class _EmptyInput:
+    """`wsgi.input` of every request without a body: one shared, stateless object instead of a BytesIO each."""
+
+    __slots__ = ()
+
+    def read(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        return []
+
+    def __iter__(self) -> _EmptyInput:
+        return self
+
+    def __next__(self) -> bytes:
+        raise StopIteration
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+_EMPTY_INPUT = _EmptyInput()
+_CACHE_MAX = 4096  # bound on every name/target cache: a client sending endless new names gets no memory
+# Request header name as sent -> environ key; "" for names dropped.
+_ENV_KEYS: dict[bytes, str] = {}
 _METHODS: dict[bytes, str] = {}
+# Request target -> (PATH_INFO, QUERY_STRING, RAW_URI): most traffic hits few URLs.
+_TARGETS: dict[bytes, tuple[str, str, str]] = {}
 _NO_BODY_CODES = frozenset((204, 304))
 # Hop-by-hop or framing headers an app must not set (PEP 3333); we frame responses ourselves.
 _HEAD_KIND: dict[str, int] = {}
 _K_PLAIN, _K_CL, _K_CONN, _K_DROP, _K_DATE = 0, 1, 2, 3, 4
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_PERCENT, _HASH, _UNDERSCORE = 0x25, 0x23, 0x5F  # `int in bytes`: `b"%" in x` costs a TypeError in CPython 3.11
 
 # Framing of a response body.
 _F_NONE, _F_LENGTH, _F_CHUNKED, _F_CLOSE = 0, 1, 2, 3
 
 
-def _env_key(name: bytes) -> str | None:
-    key = _ENV_KEYS.get(name, "")
-    if key != "":
-        return key
-    # Names with "_" are dropped: X_Forwarded_For must not alias X-Forwarded-For (header spoofing).
-    key = None if b"_" in name else "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
-    if len(_ENV_KEYS) < 4096:
+def _env_key(name: bytes) -> str:
+    low = name.lower()
+    if low == b"content-type":
+        key = "CONTENT_TYPE"
+    elif low == b"content-length":
+        key = "CONTENT_LENGTH"
+    elif _UNDERSCORE in name:  # X_Forwarded_For must not alias X-Forwarded-For (header spoofing)
+        key = ""
+    else:
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+    if len(_ENV_KEYS) < _CACHE_MAX:
         _ENV_KEYS[name] = key
     return key
+
+
+def _method(method: bytes) -> str:
+    m = method.decode("ascii")
+    if len(_METHODS) < 64:
+        _METHODS[method] = m
+    return m
+
+
+def _target(target: bytes) -> tuple[str, str, str]:
+    path, _, query = target.partition(b"?")
+    if path[:1] != b"/":
+        if path == b"*":
+            path = b""
+        else:  # absolute-form: http://host/path
+            _, _, rest = path.partition(b"://")
+            _, slash, p = rest.partition(b"/")
+            path = slash + p if slash else b"/"
+    if _HASH in query:
+        query = query.partition(b"#")[0]
+    elif not query and _HASH in path:
+        path = path.partition(b"#")[0]
+    t = ((unquote_to_bytes(path) if _PERCENT in path else path).decode("latin-1"), query.decode("latin-1"),
+         target.decode("latin-1"))
+    if len(_TARGETS) >= _CACHE_MAX:
+        _TARGETS.clear()
+    _TARGETS[target] = t
+    return t
 
 
 def _head_kind(name: str) -> int:
@@ -574,9 +685,54 @@ def _head_kind(name: str) -> int:
         low = name.lower()
         kind = {"content-length": _K_CL, "connection": _K_CONN, "transfer-encoding": _K_DROP,
                 "keep-alive": _K_DROP, "date": _K_DATE}.get(low, _K_PLAIN)
-        if len(_HEAD_KIND) < 4096:
+        if len(_HEAD_KIND) < _CACHE_MAX:
             _HEAD_KIND[name] = kind
     return kind
+
+
+class _Head:
+    """A validated response head for one (status, headers), compiled once and reused.
+
+    `plain` marks the common shape (a body allowed, no app Content-Length/Connection/Date): for it the
+    whole head for a body of n bytes, Date included, is kept per n until the Date line changes.
+    """
+
+    __slots__ = ("app_cl", "app_close", "code", "date", "full", "has_date", "headers", "plain", "prefix")
+
+    def __init__(self, status: str, headers: list[tuple[str, str]]) -> None:
+        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+            raise ValueError(f"invalid WSGI status {status!r}")
+        if "\n" in status or "\r" in status:
+            raise ValueError("status contains a line break")
+        code = int(status[:3])
+        out = ["HTTP/1.1 ", status, "\r\n"]
+        app_cl: int | None = None
+        app_close = has_date = False
+        for name, value in headers:
+            if type(name) is not str or type(value) is not str:
+                raise TypeError(f"response header {name!r}: {value!r} must be str")
+            kind = _head_kind(name)
+            if "\n" in value or "\r" in value or "\x00" in value:
+                raise ValueError(f"response header {name!r} contains a line break")
+            if kind == _K_CL:
+                app_cl = int(value)
+            elif kind == _K_CONN:
+                app_close = "close" in value.lower()
+                continue
+            elif kind == _K_DROP:
+                continue
+            elif kind == _K_DATE:
+                has_date = True
+            out += (name, ": ", value, "\r\n")
+        self.headers = list(headers)
+        self.prefix = "".join(out).encode("latin-1")
+        self.code = code
+        self.app_cl = app_cl
+        self.app_close = app_close
+        self.has_date = has_date
+        self.plain = code >= 200 and code not in _NO_BODY_CODES and app_cl is None and not app_close and not has_date
+        self.date = b""
+        self.full: dict[int, bytes] = {}
 
 
 class WsgiProtocol(HttpProtocol):
@@ -601,7 +757,7 @@ class WsgiProtocol(HttpProtocol):
         self.is_head = False
         self.t0 = 0.0
         self.req_line = ""
-        self.version = "1.1"
+        self.rversion = "1.1"  # the version of the request being answered (self.version: being parsed)
         self.send: Callable[[bytes], None] = self._send_direct
         self.code = 0
         self.sf: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -617,6 +773,7 @@ class WsgiProtocol(HttpProtocol):
         self.base_env = {
             "SERVER_NAME": server_name, "SERVER_PORT": server_port, "REMOTE_ADDR": remote_addr,
             "REMOTE_PORT": remote_port, "SCRIPT_NAME": "", "SERVER_SOFTWARE": "clusterctl",
+            "SERVER_PROTOCOL": "HTTP/1.1",
             "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
             "wsgi.multithread": self.threaded, "wsgi.multiprocess": True, "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
@@ -628,43 +785,31 @@ class WsgiProtocol(HttpProtocol):
     def build_environ(self, req: Request) -> dict[str, Any]:
         method, target, headers, body, _keep, version, cl_given = req
         env = self.base_env.copy()
-        m = _METHODS.get(method)
-        if m is None:
-            m = method.decode("ascii")
-            if len(_METHODS) < 64:
-                _METHODS[method] = m
-        env["REQUEST_METHOD"] = m
-        env["SERVER_PROTOCOL"] = "HTTP/1.1" if version == "1.1" else "HTTP/1.0"
-        path, _, query = target.partition(b"?")
-        if path[:1] != b"/":
-            if path == b"*":
-                path = b""
-            else:  # absolute-form: http://host/path
-                _, _, rest = path.partition(b"://")
-                _, slash, p = rest.partition(b"/")
-                path = slash + p if slash else b"/"
-        if b"#" in query:
-            query = query.partition(b"#")[0]
-        elif not query and b"#" in path:
-            path = path.partition(b"#")[0]
-        env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
-        env["QUERY_STRING"] = query.decode("latin-1")
-        env["RAW_URI"] = target.decode("latin-1")
+        env["REQUEST_METHOD"] = _METHODS.get(method) or _method(method)
+        if version != "1.1":
+            env["SERVER_PROTOCOL"] = "HTTP/1.0"
+        t = _TARGETS.get(target) or _target(target)
+        env["PATH_INFO"] = t[0]
+        env["QUERY_STRING"] = t[1]
+        env["RAW_URI"] = t[2]
         keys = _ENV_KEYS
+        setdefault = env.setdefault
         for name, value in headers:
-            key = keys.get(name, "")
-            if key == "":
-                key = _env_key(name)
-            if key is None:
-                continue
-            old = env.get(key)
-            if old is None:
-                env[key] = value.decode("latin-1")
-            else:
-                env[key] = old + ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
+            key = keys.get(name)
+            if not key:
+                if key is None:
+                    key = _env_key(name)
+                if not key:
+                    continue
+            v = value.decode("latin-1")
+            old = setdefault(key, v)
+            if old is not v:  # repeated header: merge per RFC 9110 (cookies with "; ")
+                env[key] = old + ("; " if key == "HTTP_COOKIE" else ",") + v
         if body or cl_given:
             env["CONTENT_LENGTH"] = str(len(body))
-        env["wsgi.input"] = io.BytesIO(body)
+            env["wsgi.input"] = io.BytesIO(body)
+        else:
+            env["wsgi.input"] = _EMPTY_INPUT
         return env
 
     # -- request handling ---------------------------------------------------------------------------------
@@ -681,15 +826,51 @@ class WsgiProtocol(HttpProtocol):
         self.head_sent = False
         self.resp_bytes = 0
         self.keep = keep_alive
-        self.version = req[5]
-        self.is_head = req[0] == b"HEAD"
-        if self.server.access_log is not None:
+        self.rversion = version = req[5]
+        self.is_head = is_head = req[0] == b"HEAD"
+        server = self.server
+        if server.access_log is not None:
             self.t0 = time.perf_counter()
             self.req_line = f"{env['REQUEST_METHOD']} {env['RAW_URI']} {env['SERVER_PROTOCOL']}"
         if self.threaded:
-            self.server.executor.submit(self._run_threaded, env)  # type: ignore[union-attr]
-        else:
-            self._run(env)
+            server.executor.submit(self._run_threaded, env)  # type: ignore[union-attr]
+            return
+        try:
+            result = self.app(env, self.start_response)
+        except Exception:
+            self._app_error(None)
+            return
+        # Fast path, the common shape: one bytes body, a plain head, keep-alive HTTP/1.1, not HEAD.
+        # One dict lookup for the head, one for the head+Date+Content-Length bytes, one write.
+        if type(result) is list and len(result) == 1 and keep_alive and not is_head and version == "1.1":
+            body = result[0]
+            try:
+                h = server.heads.get(self.status)  # type: ignore[arg-type]
+                if h is None or h.headers != self.resp_headers:
+                    h = self._lookup_head()
+            except Exception:
+                self._app_error(result)
+                return
+            if h.plain and type(body) is bytes and not self.head_sent:
+                date = server.date_line
+                if h.date is not date:
+                    h.date = date
+                    h.full = {}
+                n = len(body)
+                full = h.full.get(n)
+                if full is None:
+                    full = h.prefix + date + b"content-length: %d\r\n\r\n" % n
+                    if len(h.full) < 256:
+                        h.full[n] = full
+                if not self.closed:
+                    self.transport.write(full + body)
+                self.code = h.code
+                self.resp_bytes = n
+                if server.access_log is not None:
+                    server.access_log(self, h.code, n)
+                self.finish(True)
+                return
+        self._respond(result)
 
     def _run_threaded(self, env: dict[str, Any]) -> None:
         try:
@@ -699,6 +880,7 @@ class WsgiProtocol(HttpProtocol):
 
     def _start_response(self, status: str, headers: list[tuple[str, str]],
                         exc_info: Any = None) -> Callable[[bytes], None]:
+        # Status and headers are validated when their head is compiled (once per distinct pair).
         if exc_info:
             try:
                 if self.head_sent:
@@ -707,8 +889,6 @@ class WsgiProtocol(HttpProtocol):
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called twice without exc_info")
-        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
-            raise ValueError(f"invalid WSGI status {status!r}")
         self.status = status
         self.resp_headers = headers
         return self.write_cb
@@ -719,11 +899,15 @@ class WsgiProtocol(HttpProtocol):
         except Exception:
             self._app_error(None)
             return
+        self._respond(result)
+
+    def _respond(self, result: Any) -> None:
+        """Every response shape other than the fast path's: streams, files, HEAD, errors, threads."""
         self.resp_result = result
         try:
             rtype = type(result)
             if (rtype is list or rtype is tuple) and not self.head_sent:
-                # Common case: the whole body is known; frame it with Content-Length, write it in one go.
+                # The whole body is known: frame it with Content-Length, write it in one go.
                 if self.status is None:
                     raise RuntimeError("app returned without calling start_response()")
                 body = result[0] if len(result) == 1 else b"".join(result)
@@ -814,32 +998,43 @@ class WsgiProtocol(HttpProtocol):
             self.server.in_flight -= 1
 
     # -- response framing -------------------------------------------------------------------------------
-    def _head(self, body_len: int | None) -> bytes:
-        """Response head bytes; decides framing. `body_len` is the whole body's size when known."""
+    def _lookup_head(self) -> _Head:
         status = self.status
+        if status is None:
+            raise RuntimeError("app returned without calling start_response()")
         headers = self.resp_headers
+        server = self.server
         key = (status, tuple(headers))
-        cached = self.server.head_cache.get(key)
-        if cached is None:
-            cached = self._compile_head(status, headers)  # type: ignore[arg-type]
-            cache = self.server.head_cache
+        cache = server.head_cache
+        h = cache.get(key)
+        if h is None:
+            h = _Head(status, headers)
             if len(cache) > 512:
                 cache.clear()
-            cache[key] = cached
-        prefix, code, app_cl, app_close, has_date = cached
-        keep = self.keep and not app_close and not (self.server.draining and not self.queue)
-        parts = [prefix, self.server.date_line if not has_date else
+                server.heads.clear()
+            cache[key] = h
+        server.heads[status] = h  # the last head per status: found again without hashing the headers
+        return h
+
+    def _head(self, body_len: int | None) -> bytes:
+        """Response head bytes; decides framing. `body_len` is the whole body's size when known."""
+        h = self.server.heads.get(self.status)  # type: ignore[arg-type]
+        if h is None or h.headers != self.resp_headers:
+            h = self._lookup_head()
+        code = h.code
+        keep = self.keep and not h.app_close and not (self.server.draining and not self.queue)
+        parts = [h.prefix, self.server.date_line if not h.has_date else
                  f"server: {self.server.server_header}\r\n".encode()]
         if code < 200 or code in _NO_BODY_CODES:
             framing = _F_NONE
-        elif app_cl is not None:
+        elif h.app_cl is not None:
             framing = _F_LENGTH
-            self.remaining = app_cl
+            self.remaining = h.app_cl
         elif body_len is not None:
             framing = _F_LENGTH
             self.remaining = body_len
             parts.append(b"content-length: %d\r\n" % body_len)
-        elif self.version == "1.1":
+        elif self.rversion == "1.1":
             framing = _F_CHUNKED
             parts.append(b"transfer-encoding: chunked\r\n")
         else:
@@ -849,7 +1044,7 @@ class WsgiProtocol(HttpProtocol):
             framing = _F_NONE
         if not keep:
             parts.append(b"connection: close\r\n\r\n")
-        elif self.version == "1.0":
+        elif self.rversion == "1.0":
             parts.append(b"connection: keep-alive\r\n\r\n")
         else:
             parts.append(b"\r\n")
@@ -858,32 +1053,6 @@ class WsgiProtocol(HttpProtocol):
         self.head_sent = True
         self.code = code
         return b"".join(parts)
-
-    @staticmethod
-    def _compile_head(status: str, headers: list[tuple[str, str]]) -> tuple[bytes, int, int | None, bool, bool]:
-        code = int(status[:3])
-        out = ["HTTP/1.1 ", status, "\r\n"]
-        app_cl: int | None = None
-        app_close = has_date = False
-        for name, value in headers:
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"response header {name!r}: {value!r} must be str")
-            kind = _head_kind(name)
-            if "\n" in value or "\r" in value or "\x00" in value:
-                raise ValueError(f"response header {name!r} contains a line break")
-            if kind == _K_CL:
-                app_cl = int(value)
-            elif kind == _K_CONN:
-                app_close = "close" in value.lower()
-                continue
-            elif kind == _K_DROP:
-                continue
-            elif kind == _K_DATE:
-                has_date = True
-            out += (name, ": ", value, "\r\n")
-        if "\n" in status or "\r" in status:
-            raise ValueError("status contains a line break")
-        return "".join(out).encode("latin-1"), code, app_cl, app_close, has_date
 
     def _frame(self, chunk: bytes) -> bytes:
         framing = self.framing
