@@ -180,6 +180,13 @@ class Server:
 class HttpProtocol(asyncio.Protocol):
     """HTTP/1.1 wire protocol; subclasses implement `handle(request)` and call `finish()` when done."""
 
+    # Slots: with more than 30 attributes CPython 3.11 stops sharing instance-dict keys and every
+    # self.x becomes a dict lookup; slot access is a fixed offset.
+    __slots__ = ("body", "body_len", "busy", "closed", "continue_pending", "error", "expect", "got_bytes",
+                 "head_carry", "head_limit", "headers", "hflags", "in_head", "limits", "lingering", "loop",
+                 "max_header_size", "measure", "parser", "phase", "queue", "read_big", "read_paused", "running_queue",
+                 "server", "since", "stop_parsing", "transport", "url", "version", "writable", "write_paused")
+
     def __init__(self, server: Server) -> None:
         self.server = server
         self.limits = server.limits
@@ -737,6 +744,10 @@ class _Head:
 
 class WsgiProtocol(HttpProtocol):
     """PEP 3333 on top of HttpProtocol. One response at a time per connection, in request order."""
+
+    __slots__ = ("app", "base_env", "code", "framing", "head_sent", "is_head", "keep", "remaining", "req_line",
+                 "resp_bytes", "resp_headers", "resp_iter", "resp_result", "rversion", "send", "sf", "start_response",
+                 "status", "t0", "threaded", "write_cb")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
