@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from clusterctl import deploy as dp
 from clusterctl.cli import cli
+from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table
 from clusterctl.errors import ClusterctlError
 
 
@@ -51,17 +51,6 @@ def deploy(inventory: Path | None, release: Path | None, rollback: bool, serial:
                f" ({len(switched)} switched, {len(result.hosts) - len(switched)} already on it)")
 
 
-def _row(host: str, release: str, i: dict[str, object]) -> list[str]:
-    from clusterctl.cli.ops import _fmt_bytes, _fmt_duration
-
-    cpu = i.get("cpu_s")
-    return [host, release or "-", f"{i.get('instance')}{'' if i.get('configured', True) else '*'}", str(i.get("pid") or "-"),
-            f"{i.get('state')}/{i.get('sub_state')}", _fmt_duration(i.get("uptime_s")),  # type: ignore[arg-type]
-            str(i.get("restarts", 0)), "-" if cpu is None else f"{cpu:.2f}s",
-            "-" if i.get("cpu_pct") is None else f"{i.get('cpu_pct'):.0f}%", _fmt_bytes(i.get("memory_bytes")),  # type: ignore[arg-type]
-            *("-" if i.get(k) is None else str(i.get(k)) for k in ("requests", "in_flight", "errors"))]
-
-
 def print_fleet_status(inventory: Path, name: str | None, as_json: bool) -> None:
     """`clusterctl status --inventory INV`: one table of every host's instances, with host and release.
     Exits non-zero (after printing) when a host could not be read."""
@@ -69,20 +58,12 @@ def print_fleet_status(inventory: Path, name: str | None, as_json: bool) -> None
     if as_json:
         click.echo(fleet.to_json())
     else:
-        head = ["host", "release", "instance", "pid", "state", "uptime", "restarts", "cpu", "cpu%", "memory",
-                "requests", "inflight", "errors"]
-        rows = [_row(str(r["host"]), str(r["release"]), r) for r in fleet.instances()]
+        rows = [[str(r["host"]), str(r["release"] or "-"), *instance_cells(r)] for r in fleet.instances()]
         rows += [[h.host, h.release or "-", "-", "-", h.error, *["-"] * 8] for h in fleet.hosts if h.error]
-        widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
         ok = [h for h in fleet.hosts if not h.error]
         click.echo(f"{fleet.name or name or '?'}: {len(ok)}/{len(fleet.hosts)} hosts answered, "
                    f"{len(fleet.instances())} instances")
-        tty = sys.stdout.isatty()
-        line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-        click.echo(click.style(line, bold=True) if tty else line)
-        for r in rows:
-            text = "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
-            click.echo(click.style(text, fg="red") if tty and "active/running" not in r[4] else text)
+        print_table(["host", "release", *INSTANCE_HEAD], rows, state_col=4)
     bad = [h for h in fleet.hosts if h.error]
     if bad:
         raise ClusterctlError("; ".join(f"{h.error if h.error.startswith(h.host) else f'{h.host}: {h.error}'}" for h in bad))

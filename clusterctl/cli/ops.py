@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from clusterctl import ops
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.cli.generate import plan_from_options, plan_options
+from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table
 from clusterctl.errors import ClusterctlError
 from clusterctl.systemd import Systemd
 
@@ -181,48 +183,11 @@ def restart(name: str, sandbox: str | None, user_manager: bool) -> None:
 
 # --- status -------------------------------------------------------------------------------------------
 
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s >= 86400:
-        return f"{s // 86400}d{s % 86400 // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60}m"
-    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return "-"
-
-
 def _print_status(st: ops.ClusterStatus) -> None:
-    tty = sys.stdout.isatty()
-    head = ["instance", "pid", "state", "uptime", "restarts", "cpu", "cpu%", "memory", "requests", "inflight", "errors"]
-    rows = []
-    for i in st.instances:
-        rows.append([
-            i.instance + ("" if i.configured else "*"), str(i.pid or "-"), f"{i.state}/{i.sub_state}",
-            _fmt_duration(i.uptime_s), str(i.restarts), "-" if i.cpu_s is None else f"{i.cpu_s:.2f}s",
-            "-" if i.cpu_pct is None else f"{i.cpu_pct:.0f}%", _fmt_bytes(i.memory_bytes),
-            "-" if i.requests is None else str(i.requests), "-" if i.in_flight is None else str(i.in_flight),
-            "-" if i.errors is None else str(i.errors)])
-    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
     click.echo(f"{st.name}: {st.workers} workers ({st.balance} socket; {st.socket_state}) on "
                f"{', '.join(st.listen)} [{st.where}]")
-    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-    click.echo(click.style(line, bold=True) if tty else line)
-    for r in rows:
-        text = "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
-        if tty and "active/running" not in r[2]:
-            text = click.style(text, fg="red")
-        click.echo(text)
+    print_table(INSTANCE_HEAD, [instance_cells(asdict(i)) for i in st.instances], state_col=2)
+    tty = sys.stdout.isatty()
     for i in st.instances:
         if i.why:
             text = f"instance {i.instance} is {i.state}/{i.sub_state} after {i.restarts} restarts: {i.why}"
