@@ -131,7 +131,8 @@ def drive(scenario: str, n: int, access_log: bool) -> float:
 def callgrind_instructions(scenario: str, n: int, access_log: bool) -> int:
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
            "--inner", scenario, "--requests", str(n)] + (["--access-log"] if access_log else [])
-    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # same dict layouts every run: counts repeat exactly
+    err = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
     m = re.search(r"Collected\s*:\s*(\d+)", err)
     if not m:
         raise RuntimeError(err[-2000:])
