@@ -16,9 +16,13 @@ Lifecycle (signals, notify, drain deadline) lives in runtime.py; `Server` here o
 that is what makes it fast, and a blocked loop is what the systemd watchdog catches. `threads > 0`
 runs requests in a thread pool instead, for apps that block on I/O.
 
-Hot path notes (measured, see bench/RESULTS.md): the environ is a copy of a per-connection base dict,
-header names map to environ keys through a cache, response heads are cached per (status, headers) as
-bytes, the Date line is rebuilt once per second, and a response is one transport.write().
+Hot path notes (measured in instructions per request, bench/bench_engine_cpu.py and bench/RESULTS.md):
+protocols use __slots__; header names stay as sent and go through bounded caches (HTTP-layer kind bits,
+environ keys); the environ is a copy of a per-connection base dict; the common response (one bytes body,
+keep-alive HTTP/1.1) takes one fast path whose complete head (Date and Content-Length included) is
+cached per body length and sent with one transport.write(); no clock reads or timers per request (one
+periodic sweep handles timeouts and the Date line); `int in bytes`, never `b"x" in bytes` (CPython 3.11
+raises and clears a TypeError inside the latter).
 """
 
 from __future__ import annotations
