@@ -490,9 +490,15 @@ def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: 
         progress(f"{name}: started {', '.join(units)} (READY)")
     else:
         units = [inst.service(i) for i in range(new + 1, inst.workers + 1)]
-        sd.systemctl("stop", *units, timeout=timeout)  # SIGTERM: each drains its in-flight requests first
         if inst.balance == "reuseport":
-            sd.systemctl("stop", *[inst.socket(i) for i in range(new + 1, inst.workers + 1)])
+            # Close systemd's copy of each leaving worker's socket first, leaving the worker running (it still
+            # holds the socket and accepts). Stopped after the worker instead, systemd would accept-and-close
+            # ("flush") every connection the kernel queues on it meanwhile, and those clients get a reset.
+            sockets = [inst.socket(i) for i in range(new + 1, inst.workers + 1)]
+            sd.systemctl("stop", "--job-mode=ignore-dependencies", *sockets, timeout=timeout)
+        # SIGTERM: each drains its in-flight requests, and its listener's last close hands the connections
+        # still queued on it to the other workers when net.ipv4.tcp_migrate_req=1 (see README, Layouts).
+        sd.systemctl("stop", *units, timeout=timeout)
         progress(f"{name}: drained and stopped {', '.join(units)}")
     progress(f"{name}: {new} workers (was {inst.workers})")
     return new

@@ -133,6 +133,22 @@ def test_restart_all_at_once_loses_nothing(cluster: Cluster) -> None:
     assert set(cluster.show("MainPID")).isdisjoint(pids)
 
 
+def test_scale_up_and_down_under_load_loses_nothing(cluster: Cluster) -> None:
+    """Scaling down drains the leaving workers; with reuseport their own sockets close first, and the kernel
+    hands what is still queued to the others (net.ipv4.tcp_migrate_req=1, as the README says to set)."""
+    if cluster.balance == "reuseport":
+        sb.netexec(cluster.sandbox, ["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"])
+    with Load(cluster.sandbox, cluster.port, threads=4, rate=400) as load:
+        for count in ("4", "2", "+1", "-1"):
+            ops.scale(cluster.sd, cluster.name, count, progress=lambda m: None)
+            load.wait_for(load.result.total + 60)
+    assert load.result.errors == []
+    assert load.result.ok >= 200
+    gone = cluster.sd.show([f"{cluster.name}@3.service", f"{cluster.name}@4.service"], ("ActiveState",))
+    assert [r["ActiveState"] for r in gone] == ["inactive", "inactive"]
+    cluster.wait_all_active()
+
+
 def test_kill_9_is_replaced_and_loses_at_most_in_flight(cluster: Cluster) -> None:
     unit = f"{cluster.name}@1.service"
     victim = cluster.sd.show([unit], ("MainPID", "NRestarts"))[0]
