@@ -38,14 +38,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(now: float) -> str:
+    """RFC 9110 IMF-fixdate, without importing the email package (a worker's resident memory counts)."""
+    t = time.gmtime(now)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 log = logging.getLogger("clusterctl.engine")
 
@@ -104,7 +112,12 @@ class Server:
         self.loop = loop
         self.limits = limits or Limits()
         self.threads = threads
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="wsgi") if threads > 0 else None
+        if threads > 0:  # imported here: most workers run the app inline and never pay for it
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.executor: Any = ThreadPoolExecutor(threads, thread_name_prefix="wsgi")
+        else:
+            self.executor = None
         self.access_log = access_log
         self.server_header = server_header
         self.connections: set[HttpProtocol] = set()
@@ -147,7 +160,7 @@ class Server:
         sec = int(now)
         if sec != self._second:
             self._second = sec
-            self.date_line = (f"date: {formatdate(now, usegmt=True)}\r\nserver: {self.server_header}\r\n"
+            self.date_line = (f"date: {http_date(now)}\r\nserver: {self.server_header}\r\n"
                               ).encode("latin-1")
 
     def _tick(self) -> None:
