@@ -55,8 +55,11 @@ def worker_argv(plan: Plan) -> list[str]:
 
     `--backlog` repeats the socket's Backlog=: the event loop calls listen() again on the inherited
     socket, and with any other value that would silently change the queue length systemd set."""
-    return [plan.python, "-m", "clusterctl.worker", "--app", plan.app, "--name", plan.name,
+    argv = [plan.python, "-m", "clusterctl.worker", "--app", plan.app, "--name", plan.name,
             "--instance", "%i", "--drain-timeout", str(plan.drain_timeout), "--backlog", str(plan.backlog)]
+    if plan.interface != "auto":  # auto is the worker's default: units stay as they were
+        argv += ["--interface", plan.interface]
+    return argv
 
 
 def task_argv(plan: Plan) -> list[str]:
@@ -71,6 +74,8 @@ def generate_command(plan: Plan) -> str:
         argv += ["--listen", address.unit_value if address.kind == "tcp" else f"unix:{address.path}"]
     if plan.balance != "shared":
         argv += ["--balance", plan.balance]
+    if plan.interface != "auto":
+        argv += ["--interface", plan.interface]
     if plan.user:
         argv += ["--user", plan.user]
     if not plan.harden:

@@ -94,6 +94,8 @@ class Plan:
     backlog: int = BACKLOG
     drain_timeout: int = DRAIN_TIMEOUT
     watchdog_sec: int = WATCHDOG_SEC
+    # The app's interface for the worker's --interface: auto (detected at start), wsgi or asgi.
+    interface: str = "auto"
     # The periodic primary task (NAME-task.timer + NAME-task.service): MODULE:FUNC and its interval.
     task: str | None = None
     every: str | None = None
@@ -481,6 +483,7 @@ def build_plan(
     backlog: int = BACKLOG,
     drain_timeout: int = DRAIN_TIMEOUT,
     watchdog_sec: int = WATCHDOG_SEC,
+    interface: str = "auto",
     every: str | None = None,
     task: str | None = None,
     check: bool = True,
@@ -501,6 +504,8 @@ def build_plan(
         raise ClusterctlError(f"--drain-timeout {drain_timeout} is out of range", "use 1-3600 seconds")
     if not 0 <= watchdog_sec <= 3600:
         raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
+    if interface not in ("auto", "wsgi", "asgi"):
+        raise ClusterctlError(f"--interface {interface!r} is not auto, wsgi or asgi", "leave it at auto to detect it")
     task, every = parse_task(task, every)
     py = resolve_python(python)
     wd = resolve_working_dir(working_dir)
@@ -525,7 +530,7 @@ def build_plan(
         cpu_quota=parse_percent(cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(tasks_max),
         harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
         backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, task=task, every=every,
-        cpu_budget=budget,
+        interface=interface, cpu_budget=budget,
         warnings=tuple(warnings),
     )
     if check:

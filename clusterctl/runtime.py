@@ -3,13 +3,15 @@
 Order of events, and why:
 1. take the sockets first (listen_fds unsets LISTEN_*, so nothing the app spawns inherits them);
 2. import the app with the working directory on sys.path (WorkingDirectory= in the unit);
-3. serve the sockets, then READY=1: `systemctl restart` returns on READY, so a rolling reload only
+3. ASGI apps: lifespan startup (a failure exits non-zero, so systemd's restart policy applies);
+   serve the sockets, then READY=1: `systemctl restart` returns on READY, so a rolling reload only
    moves on once this worker really answers;
 4. STATUS= once a second, WATCHDOG=1 from the event loop itself (a blocked loop stops pinging and
    systemd kills it);
 5. SIGTERM/SIGINT: STOPPING=1, stop accepting, let in-flight and already-read requests finish, close
    idle keep-alive connections, exit 0; a second signal or --drain-timeout force-closes and exits 1.
    --max-requests takes the same path and exits 0 (the unit's Restart= brings a fresh process).
+   ASGI lifespan shutdown runs after the drain, within what is left of the drain deadline.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-from clusterctl import messaging, notify
+from clusterctl import asgi, messaging, notify
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
 from clusterctl.worker import WorkerConfig
@@ -61,9 +63,9 @@ def load_app(spec: str) -> WSGIApp:
             obj = getattr(obj, part)
         except AttributeError as e:
             raise ClusterctlError(f"module {module_name!r} has no attribute {attr!r}",
-                                  "point --app at the WSGI callable, e.g. myapp:app") from e
+                                  "point --app at the WSGI or ASGI app, e.g. myapp:app") from e
     if not callable(obj):
-        raise ClusterctlError(f"{spec} is not callable", "point --app at the WSGI callable")
+        raise ClusterctlError(f"{spec} is a {type(obj).__name__}, not callable", "point --app at the WSGI or ASGI app")
     return obj
 
 
@@ -126,8 +128,9 @@ class AccessLog:
 class Runtime:
     """One worker process: serves, reports to systemd, drains on signals."""
 
-    def __init__(self, cfg: WorkerConfig, app: WSGIApp, socks: list[Any]) -> None:
+    def __init__(self, cfg: WorkerConfig, app: WSGIApp, socks: list[Any], interface: str = "wsgi") -> None:
         self.cfg = cfg
+        self.interface = interface
         self.app = app
         self.socks = socks
         self.loop = self._new_loop(cfg.loop)
@@ -138,7 +141,14 @@ class Runtime:
             max_body_size=cfg.max_body_size, max_connections=cfg.max_connections)
         self.access = (AccessLog(self.loop, cfg, journal=cfg.journal and notify.under_systemd())
                        if cfg.access_log else None)
-        self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
+        self.lifespan: asgi.Lifespan | None = None
+        if interface == "asgi":
+            if cfg.threads:
+                log.warning("--threads %d ignored: ASGI apps run on the event loop", cfg.threads)
+            self.server = asgi.AsgiServer(app, self.loop, limits, access_log=self.access)
+            self.lifespan = asgi.Lifespan(app, self.server.state, self.loop)  # type: ignore[arg-type]
+        else:
+            self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
         if cfg.max_requests > 0:
             self.server.recycle_at = cfg.max_requests + random.randint(0, max(0, cfg.max_requests_jitter))
             self.server.on_recycle = self.recycle
@@ -182,6 +192,8 @@ class Runtime:
             loop.add_signal_handler(sig, self.on_signal, sig)
         # messaging hook: bind /run/NAME/worker-I.sock and load the saved state before serving and READY=1
         self.inbox = messaging.Inbox.start(loop, self.cfg.instance)
+        if self.lifespan is not None:
+            await self.lifespan.startup()
         await self.server.serve(self.socks, self.cfg.backlog)
         if self.draining:  # a signal arrived while we were starting
             self.server.stop_accepting()
@@ -193,7 +205,24 @@ class Runtime:
         interval = notify.watchdog_interval()
         if interval:
             self._watchdog(interval)
-        return await self.done
+        code = await self.done
+        if self.lifespan is not None:
+            code = await self._shutdown_lifespan(code)
+        return code
+
+    async def _shutdown_lifespan(self, code: int) -> int:
+        """Lifespan shutdown after the drain, bounded by what is left of the drain deadline."""
+        assert self.lifespan is not None
+        left = max(0.1, self.deadline - self.loop.time()) if self.deadline else self.cfg.drain_timeout
+        try:
+            await self.lifespan.shutdown(left)
+        except TimeoutError:
+            log.warning("ASGI lifespan shutdown did not finish within the drain deadline")
+            return code or 1
+        except ClusterctlError as e:
+            log.error("%s", e)
+            return code or 1
+        return code
 
     # -- periodic notify ---------------------------------------------------------------------------------
     def _status(self) -> None:
@@ -265,8 +294,8 @@ def run(cfg: WorkerConfig) -> int:
     worker_api.name = cfg.name
     socks = take_sockets(cfg)
     try:
-        app = load_app(cfg.app)
-        code = Runtime(cfg, app, socks).run()
+        interface, app = asgi.detect(load_app(cfg.app), cfg.app, cfg.interface)
+        code = Runtime(cfg, app, socks, interface).run()
     finally:
         for sock in socks:
             sock.close()

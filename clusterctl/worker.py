@@ -95,11 +95,13 @@ class WorkerConfig:
     max_requests_jitter: int = 0
     backlog: int = 4096
     loop: str = "uvloop"
+    interface: str = "auto"
 
 
 # (flag, dest, type, help). Booleans are --X/--no-X pairs. Defaults come from WorkerConfig.
 OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--app", "app", str, "WSGI app as MODULE:CALLABLE (imported with the working directory on sys.path)"),
+    ("--app", "app", str, "WSGI or ASGI app as MODULE:CALLABLE (imported with the working directory on sys.path)"),
+    ("--interface", "interface", str, "auto (detect), wsgi or asgi (ASGI 3; ASGI 2 double-callables adapted)"),
     ("--name", "name", str, "cluster name, for logs and journal fields"),
     ("--instance", "instance", str, "systemd instance (%%i); also $CLUSTERCTL_INSTANCE"),
     ("--bind", "bind", list, "listen on ADDR yourself (host:port, [v6]:port, unix:/path); repeatable; "
@@ -126,7 +128,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     defaults = WorkerConfig(app="")
     parser = argparse.ArgumentParser(prog="python -m clusterctl.worker",
-                                     description="Serve a WSGI app on the sockets systemd passes.")
+                                     description="Serve a WSGI or ASGI app on the sockets systemd passes.")
     for flag, dest, typ, text in OPTIONS:
         default = getattr(defaults, dest)
         if typ is bool:

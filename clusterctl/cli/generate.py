@@ -42,6 +42,8 @@ _PLAN_OPTIONS = [
                  help="Seconds a stopping worker may finish in-flight requests."),
     click.option("--watchdog-sec", type=int, default=WATCHDOG_SEC, show_default=True,
                  help="Kill a worker whose event loop is blocked this long (0: off)."),
+    click.option("--interface", type=click.Choice(["auto", "wsgi", "asgi"]), default="auto", show_default=True,
+                 help="The app's interface: auto detects WSGI, ASGI 3 or ASGI 2 when the worker imports it."),
     click.option("--every", metavar="SPAN",
                  help="Run --task this often (a systemd time span: 10s, 5min); NAME-task.timer + NAME-task.service."),
     click.option("--task", metavar="MODULE:FUNC",
@@ -62,7 +64,7 @@ def plan_from_options(options: dict[str, Any]) -> Plan:
     """Build the Plan from the plan options; pops them so the caller keeps only its own."""
     keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
-            "backlog", "drain_timeout", "watchdog_sec", "every", "task")
+            "backlog", "drain_timeout", "watchdog_sec", "interface", "every", "task")
     kwargs = {k: options.pop(k) for k in keys}
     plan = build_plan(**kwargs, check=options.pop("check_import"))
     for warning in plan.warnings:

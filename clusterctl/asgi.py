@@ -1,0 +1,457 @@
+"""ASGI 3 on the same HTTP layer as WSGI: `AsgiProtocol(HttpProtocol)`, lifespan, interface detection.
+
+Everything on the wire (parsing, limits, 400/413/414/431, timeouts, smuggling checks, pipelining,
+Expect: 100-continue, read backpressure) is `HttpProtocol`'s, unchanged: this module only turns one
+parsed request into a `scope` + `receive`/`send` pair and frames what the app sends. One response at a
+time per connection, in request order (the HTTP layer starts the next request on `finish()`).
+
+The HTTP layer hands over complete bodies (bounded by --max-body-size), so `http.request` arrives as one
+message with `more_body: False`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from clusterctl.engine import (
+    _F_CHUNKED,
+    _F_CLOSE,
+    _F_LENGTH,
+    _F_NONE,
+    _NO_BODY_CODES,
+    _REASONS,
+    _TARGETS,
+    _TOKEN,
+    HttpProtocol,
+    Request,
+    Server,
+    _canned,
+    _target,
+)
+from clusterctl.errors import ClusterctlError
+
+log = logging.getLogger("clusterctl.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
+INTERFACES = ("auto", "wsgi", "asgi")
+
+
+# -- interface detection ------------------------------------------------------------------------------------
+
+def _positional(obj: Any) -> int | None:
+    """How many positional arguments `obj` takes (None: cannot tell, e.g. *args or no signature)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+def _is_async(obj: Any) -> bool:
+    if inspect.iscoroutinefunction(obj):
+        return True
+    if inspect.isclass(obj):
+        return False
+    # An app object (Starlette, FastAPI, Django's ASGIHandler) with an async __call__, found on its class.
+    call = next((c.__dict__["__call__"] for c in type(obj).__mro__ if "__call__" in c.__dict__), None)
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def detect(obj: Any, spec: str, interface: str = "auto") -> tuple[str, Any]:
+    """("wsgi" | "asgi", callable): ASGI 3 as is, ASGI 2 (double-callable) adapted, WSGI as is.
+
+    `auto` looks at the object itself, since `--app` names one object and the unit must not need a flag
+    for the common cases: async callables are ASGI 3, a one-argument callable or class is ASGI 2, a
+    two-argument one is WSGI. Anything else is refused with what was found."""
+    if interface not in INTERFACES:
+        raise ClusterctlError(f"unknown --interface {interface!r}", "use auto, wsgi or asgi")
+    what = f"{type(obj).__name__}" + ("" if (n := _positional(obj)) is None else f" taking {n} argument(s)")
+    if _is_async(obj):
+        if interface == "wsgi":
+            raise ClusterctlError(f"{spec} is an async callable (an ASGI app), not WSGI",
+                                  "drop --interface wsgi (or use --interface asgi)")
+        return "asgi", obj
+    if n == 1 and interface != "wsgi":
+        return "asgi", _asgi2(obj)
+    if interface == "asgi":
+        if n in (None, 3):
+            return "asgi", obj  # a sync callable returning an awaitable: trust the flag
+        raise ClusterctlError(f"{spec} is a {what}: not an ASGI app (scope, receive, send)",
+                              "drop --interface asgi, or point --app at the ASGI application object")
+    if n in (None, 2) or interface == "wsgi":
+        return "wsgi", obj
+    raise ClusterctlError(
+        f"{spec} is a {what}: neither a WSGI app (environ, start_response) nor an ASGI app (scope, receive, send)",
+        "point --app at the application object, e.g. myapp:app")
+
+
+def _asgi2(factory: Callable[[Scope], Any]) -> ASGIApp:
+    """ASGI 2 double-callable -> ASGI 3: `factory(scope)` gives the instance awaited with (receive, send)."""
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await factory(scope)(receive, send)
+    return app
+
+
+# -- server -------------------------------------------------------------------------------------------------
+
+class AsgiServer(Server):
+    """A `Server` whose connections speak ASGI; `state` is the lifespan state copied into each scope."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.state: dict[str, Any] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def protocol(self) -> HttpProtocol:
+        return AsgiProtocol(self)
+
+
+def _response_head(status: Any, headers: Any) -> tuple[int, bytes, int | None, bool, bool]:
+    """(code, head without framing/date lines, app Content-Length, app asked to close, app set Date)."""
+    if type(status) is not int or not 100 <= status <= 999:
+        raise ValueError(f"invalid ASGI status {status!r}")
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "").encode())]
+    app_cl: int | None = None
+    close = has_date = False
+    for name, value in headers:
+        name, value = bytes(name), bytes(value)
+        if not name or any(c not in _TOKEN for c in name):
+            raise ValueError(f"invalid response header name {name!r}")
+        if 0x0A in value or 0x0D in value or 0 in value:
+            raise ValueError(f"response header {name!r} contains a line break")
+        low = name.lower()
+        if low == b"content-length":
+            app_cl = int(value)
+        elif low == b"connection":
+            close = b"close" in value.lower()
+            continue
+        elif low in (b"transfer-encoding", b"keep-alive"):
+            continue  # we frame responses ourselves
+        elif low == b"date":
+            has_date = True
+        out += (name, b": ", value, b"\r\n")
+    return status, b"".join(out), app_cl, close, has_date
+
+
+class AsgiProtocol(HttpProtocol):
+    """ASGI 3 HTTP on top of HttpProtocol: one app task per request, responses in request order."""
+
+    __slots__ = ("app", "base_env", "base_scope", "code", "drained", "framing", "gone", "head_sent", "is_head",
+                 "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0")
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        self.app: ASGIApp = server.app  # type: ignore[assignment]
+        self.base_scope: dict[str, Any] = {}
+        self.base_env: dict[str, Any] = {"REMOTE_ADDR": ""}  # the access log's view of the client
+        self.gone: asyncio.Event | None = None       # set when this request's client left or response ended
+        self.drained: asyncio.Future[None] | None = None
+        self.start: Message | None = None
+        self.head_sent = False
+        self.framing = _F_NONE
+        self.remaining = -1
+        self.resp_bytes = 0
+        self.keep = True
+        self.is_head = False
+        self.rversion = "1.1"
+        self.code = 0
+        self.t0 = 0.0
+        self.req_line = ""
+
+    def setup(self, transport: Any) -> None:
+        sockname = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        server = (str(sockname[0]), int(sockname[1])) if isinstance(sockname, tuple) else (
+            (sockname, None) if isinstance(sockname, str) and sockname else None)
+        client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        self.base_scope = {"type": "http", "asgi": ASGI_VERSION, "scheme": "http", "root_path": "",
+                           "server": server, "client": client}
+        self.base_env = {"REMOTE_ADDR": client[0] if client else ""}
+
+    # -- request --------------------------------------------------------------------------------------------
+    def handle(self, req: Request, keep_alive: bool) -> None:
+        method, target, headers, body, _keep, version, _cl = req
+        t = _TARGETS.get(target) or _target(target)
+        scope = self.base_scope.copy()
+        scope["http_version"] = version
+        scope["method"] = m = method.decode("ascii")
+        scope["path"] = t[0].encode("latin-1").decode("utf-8", "replace")
+        scope["raw_path"] = target.partition(b"?")[0]
+        scope["query_string"] = t[1].encode("latin-1")
+        scope["headers"] = [(n.lower(), v) for n, v in headers]
+        scope["state"] = self.server.state.copy()  # type: ignore[attr-defined]
+        self.start = None
+        self.head_sent = False
+        self.resp_bytes = 0
+        self.code = 0
+        self.keep = keep_alive
+        self.rversion = version
+        self.is_head = m == "HEAD"
+        self.gone = gone = asyncio.Event()
+        if self.closed:
+            gone.set()
+        if self.server.access_log is not None:
+            self.t0 = time.perf_counter()
+            self.req_line = f"{m} {target.decode('latin-1')} HTTP/{version}"
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if self.gone is not gone:
+                if gone.is_set() and self.closed:
+                    return  # the client left: sends are dropped, as receive() has said
+                raise RuntimeError(f"ASGI message {message.get('type')!r} after the response completed")
+            await self._send(message)
+
+        task = self.loop.create_task(self._run(scope, receive, send, gone))
+        tasks: set[asyncio.Task[None]] = self.server.tasks  # type: ignore[attr-defined]
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _run(self, scope: Scope, receive: Any, send: Any, gone: asyncio.Event) -> None:
+        # `self.gone is gone` while this request's response is unfinished; after it ended, the app may
+        # still run (background tasks) while the next pipelined request is served.
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if self.gone is gone:
+                self._app_error()
+            else:
+                log.exception("error in ASGI app after its response to %s", self.req_line or "a request")
+                self.server.errors += 1
+            return
+        if self.gone is gone:
+            if self.start is None:
+                log.error("ASGI app returned without sending a response to %s", self.req_line or "a request")
+            else:
+                log.error("ASGI app returned before its response to %s was complete", self.req_line or "a request")
+            self._app_error(logged=True)
+
+    # -- response -------------------------------------------------------------------------------------------
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.start is not None:
+                raise RuntimeError("http.response.start sent twice")
+            self.start = message
+            return
+        if kind != "http.response.body":
+            raise RuntimeError(f"unexpected ASGI message {kind!r} for an HTTP request")
+        if self.start is None:
+            raise RuntimeError("http.response.body before http.response.start")
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        out = []
+        if not self.head_sent:
+            out.append(self._head(len(body) if not more else None))
+        if body and self.framing != _F_NONE:
+            out.append(self._frame(body))
+        if not more and self.framing == _F_CHUNKED:
+            out.append(b"0\r\n\r\n")
+        if out and not self.closed:
+            self.transport.write(b"".join(out))
+        if not more:
+            keep = self.keep and not (self.framing == _F_LENGTH and self.remaining > 0)
+            self._end(keep)
+            return
+        if self.write_paused and not self.closed:
+            self.drained = fut = self.loop.create_future()
+            await fut
+
+    def _head(self, body_len: int | None) -> bytes:
+        start = self.start
+        assert start is not None
+        code, prefix, app_cl, app_close, has_date = _response_head(start["status"], start.get("headers", ()))
+        server = self.server
+        keep = self.keep and not app_close and not (server.draining and not self.queue)
+        parts = [prefix, server.date_line if not has_date else f"server: {server.server_header}\r\n".encode()]
+        if code < 200 or code in _NO_BODY_CODES:
+            framing = _F_NONE
+        elif app_cl is not None:
+            framing = _F_LENGTH
+            self.remaining = app_cl
+        elif body_len is not None:
+            framing = _F_LENGTH
+            self.remaining = body_len
+            parts.append(b"content-length: %d\r\n" % body_len)
+        elif self.rversion == "1.1":
+            framing = _F_CHUNKED
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            framing = _F_CLOSE
+            keep = False
+        if self.is_head:
+            framing = _F_NONE
+        if not keep:
+            parts.append(b"connection: close\r\n\r\n")
+        elif self.rversion == "1.0":
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self.keep = keep
+        self.framing = framing
+        self.head_sent = True
+        self.code = code
+        return b"".join(parts)
+
+    def _frame(self, chunk: bytes) -> bytes:
+        framing = self.framing
+        n = len(chunk)
+        if framing == _F_LENGTH:
+            if n > self.remaining:  # more than the app's Content-Length: truncate, then close
+                chunk = chunk[: self.remaining]
+                n = self.remaining
+                self.keep = False
+            self.remaining -= n
+            self.resp_bytes += n
+            return chunk
+        self.resp_bytes += n
+        if framing == _F_CHUNKED:
+            return b"%x\r\n%b\r\n" % (n, chunk)
+        return chunk
+
+    # -- completion -----------------------------------------------------------------------------------------
+    def _end(self, keep: bool) -> None:
+        gone = self.gone
+        if gone is not None:
+            gone.set()  # a receive() still waiting (e.g. a disconnect listener) returns http.disconnect
+        self.gone = None
+        self._wake()
+        if self.server.access_log is not None:
+            self.server.access_log(self, self.code, self.resp_bytes)
+        self.framing = _F_NONE
+        self.remaining = -1
+        self.finish(keep)
+
+    def _app_error(self, logged: bool = False) -> None:
+        if not logged:
+            log.exception("error in ASGI app handling %s", self.req_line or "a request")
+        self.server.errors += 1
+        if self.gone is None:
+            return  # the response had already ended
+        if not self.head_sent:
+            if not self.closed:
+                self.transport.write(_canned(500, close=not self.keep))
+            self.code = 500
+            self.resp_bytes = 0
+            self._end(self.keep)
+        else:
+            self._end(False)  # half a response is on the wire: only closing tells the client
+
+    def _wake(self) -> None:
+        fut = self.drained
+        if fut is not None:
+            self.drained = None
+            if not fut.done():
+                fut.set_result(None)
+
+    def on_writable(self) -> None:
+        if self.busy:
+            self._wake()
+        else:
+            self.run_queue()
+
+    def eof_received(self) -> bool | None:
+        # The HTTP layer still answers what was read; the running app hears http.disconnect, as it would
+        # under uvicorn, so a long poll or stream for a client that hung up stops.
+        keep_open = super().eof_received()
+        if self.gone is not None:
+            self.gone.set()
+        return keep_open
+
+    def on_lost(self) -> None:
+        if self.gone is not None:
+            self.gone.set()
+        self._wake()
+
+
+# -- lifespan -----------------------------------------------------------------------------------------------
+
+class Lifespan:
+    """The ASGI lifespan protocol for one worker: startup before READY=1, shutdown after the drain.
+
+    An app that raises before it first calls receive() on the lifespan scope does not support lifespan
+    (e.g. `assert scope["type"] == "http"`): that is logged and serving goes on. A failure after that is
+    a failed startup: the worker exits non-zero so systemd's restart policy applies."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.app = app
+        self.state = state
+        self.loop = loop
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.outbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.received = False
+        self.task: asyncio.Task[None] | None = None
+        self.supported = True
+
+    async def _main(self) -> None:
+        scope = {"type": "lifespan", "asgi": ASGI_VERSION, "state": self.state}
+        try:
+            await self.app(scope, self._receive, self.outbox.put)
+        except BaseException as e:
+            if not self.received:
+                log.info("the app does not support ASGI lifespan (%s: %s); serving without it", type(e).__name__, e)
+                self.supported = False
+            else:
+                log.exception("ASGI lifespan failed")
+            await self.outbox.put({"type": "_ended", "error": e})
+            return
+        await self.outbox.put({"type": "_ended", "error": None})
+
+    async def _receive(self) -> Message:
+        self.received = True
+        return await self.inbox.get()
+
+    async def _wait(self, phase: str) -> None:
+        msg = await self.outbox.get()
+        kind = msg["type"]
+        if kind == f"lifespan.{phase}.complete":
+            return
+        if kind == f"lifespan.{phase}.failed":
+            raise ClusterctlError(f"ASGI lifespan {phase} failed: {msg.get('message', '')}",
+                                  "fix the app's lifespan handler (traceback above, if any)")
+        if kind == "_ended":
+            err = msg["error"]
+            if not self.supported:
+                return
+            if err is None:
+                if phase == "startup":
+                    self.supported = False  # returned without answering: treat as no lifespan support
+                    return
+                raise ClusterctlError(f"ASGI lifespan {phase}: the app returned without answering",
+                                      "send lifespan.shutdown.complete")
+            raise ClusterctlError(f"ASGI lifespan {phase} failed: {type(err).__name__}: {err}",
+                                  "fix the app's lifespan handler (traceback above)")
+        raise ClusterctlError(f"ASGI lifespan {phase}: unexpected message {kind!r}", "see the ASGI lifespan spec")
+
+    async def startup(self) -> None:
+        self.task = self.loop.create_task(self._main())
+        await self.inbox.put({"type": "lifespan.startup"})
+        await self._wait("startup")
+
+    async def shutdown(self, timeout: float) -> None:
+        """Ask the app to shut down; raises ClusterctlError on failure, TimeoutError past `timeout`."""
+        if not self.supported or self.task is None or self.task.done():
+            return
+        await self.inbox.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(self._wait("shutdown"), timeout)

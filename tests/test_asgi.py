@@ -1,0 +1,321 @@
+"""ASGI on our engine: a raw ASGI app over real sockets (same HTTP layer as WSGI), interface detection,
+and Starlette apps run by the real worker under systemd-socket-activate with a real notify socket
+(READY only after lifespan startup; a failing startup exits non-zero)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from test_engine import SMALL, Reader
+from test_runtime import SSA, Worker, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
+
+from clusterctl.asgi import AsgiServer, detect
+from clusterctl.engine import Limits
+from clusterctl.errors import ClusterctlError
+from clusterctl.generate import worker_argv
+from clusterctl.plan import build_plan
+
+seen: list[dict[str, Any]] = []
+disconnects: list[str] = []
+
+
+async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    seen.append(scope)
+    path = scope["path"]
+    msg = await receive()
+    if path == "/boom":
+        raise RuntimeError("boom before start")
+    if path == "/wait-disconnect":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        disconnects.append((await receive())["type"])
+        return
+    if path == "/midstream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise RuntimeError("boom after start")
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"X-Kind", b"stream")]})
+        for i in range(3):
+            await send({"type": "http.response.body", "body": b"chunk%d;" % i, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/slow":
+        await asyncio.sleep(0.2)
+    body = f"{scope['method']} {path} q={scope['query_string'].decode()} body={msg['body'].decode()}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class AsgiEngine:
+    """AsgiServer on 127.0.0.1:<port> in a thread, like test_engine.Engine for WSGI."""
+
+    def __init__(self, app: Any, limits: Limits = SMALL) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.loop = uvloop.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = AsgiServer(app, self.loop, limits)
+            self.server.state["greeting"] = "hello"
+            self.loop.run_until_complete(self.server.serve([self.sock]))
+            ready.set()
+            self.loop.run_forever()
+            self.server.force_close()
+            self.server.close()
+            self.loop.run_until_complete(asyncio.sleep(0.01))
+            self.loop.close()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert ready.wait(5)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=3)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def asgi_engine() -> Iterator[AsgiEngine]:
+    e = AsgiEngine(raw_app)
+    yield e
+    e.stop()
+
+
+def ask(e: AsgiEngine, raw: bytes, n: int = 1, head: bool = False) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
+    with e.connect() as s:
+        s.sendall(raw)
+        r = Reader(s)
+        out = [r.response(head=head) for _ in range(n)]
+        s.settimeout(2)
+        return out, r.closed()
+
+
+def test_scope_is_spec_complete(asgi_engine: AsgiEngine) -> None:
+    seen.clear()
+    (res,), _ = ask(asgi_engine, b"POST /a%20b/%C3%A9?x=1&y=2 HTTP/1.1\r\nHost: h\r\nX-Custom: V\r\n"
+                                 b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+    assert res[0] == 200 and res[2] == "POST /a b/é q=x=1&y=2 body=hello".encode()
+    scope = seen[-1]
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert scope["http_version"] == "1.1" and scope["scheme"] == "http" and scope["root_path"] == ""
+    assert scope["raw_path"] == b"/a%20b/%C3%A9" and scope["query_string"] == b"x=1&y=2"
+    assert (b"x-custom", b"V") in scope["headers"] and (b"host", b"h") in scope["headers"]
+    assert scope["client"][0] == "127.0.0.1" and scope["server"] == ("127.0.0.1", asgi_engine.port)
+    assert scope["state"] == {"greeting": "hello"}
+
+
+def test_streaming_is_chunked_and_head_has_no_body(asgi_engine: AsgiEngine) -> None:
+    (res,), _ = ask(asgi_engine, b"GET /stream HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert res[1]["transfer-encoding"] == "chunked" and res[1]["x-kind"] == "stream"
+    assert res[2] == b"chunk0;chunk1;chunk2;"
+    (res,), closed = ask(asgi_engine, b"HEAD /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", head=True)
+    assert res[0] == 200 and res[1]["content-length"] == str(len(b"HEAD /x q= body=")) and closed
+    # 1.0 without Content-Length: delimited by close
+    (res,), closed = ask(asgi_engine, b"GET /stream HTTP/1.0\r\n\r\n")
+    assert res[2] == b"chunk0;chunk1;chunk2;" and closed
+
+
+def test_pipelining_in_order_and_keepalive(asgi_engine: AsgiEngine) -> None:
+    raw = (b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\nGET /fast HTTP/1.1\r\nHost: h\r\n\r\n"
+           b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi"
+           b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    res, closed = ask(asgi_engine, raw, n=4)
+    assert [r[2].split(b" q=")[0] for r in res] == [b"GET /slow", b"GET /fast", b"POST /p", b"GET /last"]
+    assert res[2][2].endswith(b"body=hi") and closed
+
+
+def test_app_errors_500_before_start_close_after(asgi_engine: AsgiEngine) -> None:
+    res, _ = ask(asgi_engine, b"GET /boom HTTP/1.1\r\nHost: h\r\n\r\nGET /after HTTP/1.1\r\nHost: h\r\n\r\n", n=2)
+    assert [r[0] for r in res] == [500, 200]  # 500, and the connection stays usable
+    with asgi_engine.connect() as s:
+        s.sendall(b"GET /midstream HTTP/1.1\r\nHost: h\r\n\r\n")
+        s.settimeout(3)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"part" in data and not data.endswith(b"0\r\n\r\n")
+    (res,), _ = ask(asgi_engine, b"GET /alive HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert res[0] == 200  # the worker lives on
+
+
+def test_disconnect_reaches_the_app(asgi_engine: AsgiEngine) -> None:
+    disconnects.clear()
+    s = asgi_engine.connect()
+    s.sendall(b"GET /wait-disconnect HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.close()
+    deadline = time.monotonic() + 3
+    while not disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert disconnects == ["http.disconnect"]
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 20000\r\n\r\n", 413),
+    (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(30)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+])
+def test_same_limits_as_wsgi(asgi_engine: AsgiEngine, raw: bytes, status: int) -> None:
+    (res,), closed = ask(asgi_engine, raw)
+    assert res[0] == status and closed
+
+
+def test_expect_100_continue(asgi_engine: AsgiEngine) -> None:
+    with asgi_engine.connect() as s:
+        s.sendall(b"POST /e HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"ok")
+        st, _, body = Reader(s).response()
+    assert st == 200 and body.endswith(b"body=ok")
+
+
+# -- interface detection ------------------------------------------------------------------------------------
+
+def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+    return []
+
+
+class Asgi2:
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        pass
+
+
+class Asgi3Obj:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+
+def test_detect() -> None:
+    assert detect(raw_app, "m:a")[0] == "asgi"
+    assert detect(Asgi3Obj(), "m:a")[0] == "asgi"
+    kind, adapted = detect(Asgi2, "m:a")
+    assert kind == "asgi" and adapted is not Asgi2
+    assert detect(wsgi_app, "m:a") == ("wsgi", wsgi_app)
+    with pytest.raises(ClusterctlError, match="neither a WSGI app"):
+        detect(lambda: None, "m:a")
+    with pytest.raises(ClusterctlError, match="not WSGI"):
+        detect(raw_app, "m:a", "wsgi")
+    with pytest.raises(ClusterctlError, match="not an ASGI app"):
+        detect(wsgi_app, "m:a", "asgi")
+
+
+def test_generate_records_interface_only_when_not_auto() -> None:
+    plan = build_plan(app="myapp:app", name="web", workers="2", check=False)
+    assert "--interface" not in worker_argv(plan)
+    plan = build_plan(app="myapp:app", name="web", workers="2", interface="asgi", check=False)
+    assert worker_argv(plan)[-2:] == ["--interface", "asgi"]
+
+
+# -- Starlette through the real worker ----------------------------------------------------------------------
+
+STARLETTE_APP = '''
+import asyncio, contextlib, os, time
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    await asyncio.sleep(float(os.environ.get("STARTUP_DELAY", "0")))
+    if os.environ.get("FAIL_STARTUP"):
+        raise RuntimeError("database unreachable")
+    yield {"db": "connected"}
+    with open(os.environ["SHUTDOWN_MARK"], "w") as f:
+        f.write("shutdown ran")
+
+async def data(request):
+    return JSONResponse({"db": request.state.db, "q": request.query_params.get("q")})
+
+async def echo(request):
+    body = await request.body()
+    return JSONResponse({"len": len(body), "head": body[:5].decode()})
+
+async def stream(request):
+    async def gen():
+        for i in range(3):
+            yield f"line {i}\\n"
+            await asyncio.sleep(0.01)
+    return StreamingResponse(gen(), media_type="text/plain")
+
+app = Starlette(routes=[Route("/data", data), Route("/echo", echo, methods=["POST"]), Route("/stream", stream)],
+                lifespan=lifespan)
+'''
+
+
+def test_starlette_served_with_lifespan(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+    pytest.importorskip("starlette")
+    httpx = pytest.importorskip("httpx")
+    (tmp_path / "sapp.py").write_text(STARLETTE_APP)
+    mark = tmp_path / "shutdown"
+    w = spawn("--app", "sapp:app", "--no-access-log", cwd=tmp_path,
+              env={"STARTUP_DELAY": "0.6", "SHUTDOWN_MARK": str(mark)})
+    first = connect_when_listening(w.port)
+    t0 = time.monotonic()
+    t_ready, _ = w.notify.wait_for("READY=1")
+    assert t_ready - t0 >= 0.5, "READY=1 came before lifespan startup completed"
+    first.close()
+    base = f"http://127.0.0.1:{w.port}"
+    with httpx.Client(base_url=base, timeout=5) as c:
+        r = c.get("/data", params={"q": "x"})
+        assert r.status_code == 200 and r.json() == {"db": "connected", "q": "x"}
+        r = c.post("/echo", content=b"hello world" * 1000)
+        assert r.json() == {"len": 11000, "head": "hello"}
+        r = c.get("/stream")
+        assert r.text == "line 0\nline 1\nline 2\n" and r.headers["transfer-encoding"] == "chunked"
+        assert c.get("/missing").status_code == 404
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 0
+    assert mark.read_text() == "shutdown ran"
+
+
+def test_failing_startup_exits_nonzero(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+    pytest.importorskip("starlette")
+    (tmp_path / "sapp.py").write_text(STARLETTE_APP)
+    w = spawn("--app", "sapp:app", cwd=tmp_path, env={"FAIL_STARTUP": "1", "SHUTDOWN_MARK": str(tmp_path / "m")})
+    s = connect_when_listening(w.port)
+    assert w.proc.wait(10) != 0
+    s.close()
+    _, err = w.output()
+    assert "database unreachable" in err
+    assert not any("READY=1" in m for m in w.notify.drain(0.2))
+
+
+def test_app_without_lifespan_is_served(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "plain.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    assert scope['type'] == 'http'\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': b'no lifespan ok'})\n")
+    w = spawn("--app", "plain:app", "--no-access-log", cwd=tmp_path)
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    assert w.request("/", sock=first).endswith(b"no lifespan ok")
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 0
+
+
+assert SSA  # the worker tests are skipped (via the fixture module's marker) without systemd-socket-activate
