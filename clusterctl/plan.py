@@ -131,14 +131,18 @@ def socket_unit(name: str, balance: str, instance: int | str | None = None) -> s
 
 
 def dynamic_user_name(name: str) -> str:
-    """NAME itself when systemd accepts it for a dynamic user (lower case, digits, '_' and '-', at most 31,
-    not starting with a digit: measured, 'my.app' and '1abc' fail to start with 'Invalid argument'); else
-    a valid form of it with a hash, so two clusters never share a uid by accident."""
-    if re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", name):
-        return name
-    base = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")[:22]
+    """`clusterctl-NAME`: the one dynamic user all instances of a cluster share.
+
+    The prefix keeps it clear of the accounts a host already has: a dynamic user named like an existing user
+    or group (a cluster called `users` meets Debian's `users` group) fails to start with "User or group with
+    specified name already exists". systemd accepts lower case, digits, '_' and '-', at most 31 characters,
+    not starting with a digit (measured: 'my.app' fails with 'Invalid argument'); other names get a valid
+    form with a hash, so two clusters never share a uid by accident."""
+    if re.fullmatch(r"[a-z0-9_-]{1,20}", name):
+        return f"clusterctl-{name}"
+    base = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")[:10]
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{base if base[:1].isalpha() else 'c' + base[:21]}-{digest}"
+    return f"clusterctl-{base}-{digest}" if base else f"clusterctl-{digest}"
 
 
 def parse_app(spec: str) -> str:

@@ -41,7 +41,7 @@ def test_defaults_are_hardened_with_a_dynamic_user() -> None:
     svc = lines(service())
     assert set(HARDENING) <= svc
     assert "DynamicUser=yes" in svc
-    assert "User=web" in svc  # one dynamic user shared by every instance (messaging: the runtime directory)
+    assert "User=clusterctl-web" in svc  # one dynamic user shared by every instance (messaging: the runtime directory)
     assert "ProtectHome=yes" in svc
     assert "OOMPolicy=stop" in svc
     assert not any(x.startswith(("ReadWritePaths=", "BindReadOnlyPaths=", "MemoryHigh=", "TasksMax="))

@@ -276,7 +276,7 @@ def test_task_units_render() -> None:
     assert "Wants=users-task.timer\n" in target
     assert "Type=oneshot\n" in svc and "-m clusterctl.task --name users --task examples.users:count_users" in svc
     worker_svc = files["users@.service"]
-    for line in ("DynamicUser=yes", "User=users", "RuntimeDirectory=users", "RuntimeDirectoryMode=0700",
+    for line in ("DynamicUser=yes", "User=clusterctl-users", "RuntimeDirectory=users", "RuntimeDirectoryMode=0700",
                  "RuntimeDirectoryPreserve=yes", "ProtectSystem=strict", "MemoryDenyWriteExecute=yes", "UMask=0077",
                  "SyslogIdentifier=users-task", f"WorkingDirectory={REPO}"):
         assert line in svc.splitlines()
@@ -330,8 +330,9 @@ def test_bad_timespan(span: str) -> None:
 
 
 def test_dynamic_user_name_is_one_systemd_accepts() -> None:
-    assert dynamic_user_name("hello") == "hello"
-    for name in ("My.App", "1abc", "a" * 40, "x.y"):
+    assert dynamic_user_name("hello") == "clusterctl-hello"
+    assert dynamic_user_name("users") != "users"  # Debian's `users` group: a dynamic user cannot take that name
+    for name in ("My.App", "1abc", "a" * 40, "x.y", "a" * 21):
         user = dynamic_user_name(name)
         assert len(user) <= 31 and user[0].isalpha() and user == user.lower() and "." not in user
     assert dynamic_user_name("x.y") != dynamic_user_name("x-y")
