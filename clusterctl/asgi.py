@@ -20,10 +20,8 @@ from typing import Any
 
 from clusterctl.engine import (
     _F_CHUNKED,
-    _F_CLOSE,
     _F_LENGTH,
     _F_NONE,
-    _NO_BODY_CODES,
     _REASONS,
     _TARGETS,
     _TOKEN,
@@ -284,35 +282,7 @@ class AsgiProtocol(HttpProtocol):
         code, prefix, app_cl, app_close, has_date = _response_head(start["status"], start.get("headers", ()))
         server = self.server
         keep = self.keep and not app_close and not (server.draining and not self.queue)
-        parts = [prefix, server.date_line if not has_date else f"server: {server.server_header}\r\n".encode()]
-        if code < 200 or code in _NO_BODY_CODES:
-            framing = _F_NONE
-        elif app_cl is not None:
-            framing = _F_LENGTH
-            self.remaining = app_cl
-        elif body_len is not None:
-            framing = _F_LENGTH
-            self.remaining = body_len
-            parts.append(b"content-length: %d\r\n" % body_len)
-        elif self.rversion == "1.1":
-            framing = _F_CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
-        else:
-            framing = _F_CLOSE
-            keep = False
-        if self.is_head:
-            framing = _F_NONE
-        if not keep:
-            parts.append(b"connection: close\r\n\r\n")
-        elif self.rversion == "1.0":
-            parts.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
-        self.keep = keep
-        self.framing = framing
-        self.head_sent = True
-        self.code = code
-        return b"".join(parts)
+        return self._framed_head(prefix, has_date, code, app_cl, body_len, keep)
 
     def _frame(self, chunk: bytes) -> bytes:
         framing = self.framing

@@ -566,6 +566,41 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _framed_head(self, prefix: bytes, has_date: bool, code: int, app_cl: int | None, body_len: int | None,
+                     keep: bool) -> bytes:
+        """The head's framing and connection lines, shared by the WSGI and ASGI adapters: no body for 1xx, 204,
+        304 and HEAD; the app's Content-Length, else the known body length, else chunked on HTTP/1.1, else
+        close-delimited."""
+        parts = [prefix, self.server.date_line if not has_date else f"server: {self.server.server_header}\r\n".encode()]
+        if code < 200 or code in _NO_BODY_CODES:
+            framing = _F_NONE
+        elif app_cl is not None:
+            framing = _F_LENGTH
+            self.remaining = app_cl
+        elif body_len is not None:
+            framing = _F_LENGTH
+            self.remaining = body_len
+            parts.append(b"content-length: %d\r\n" % body_len)
+        elif self.rversion == "1.1":
+            framing = _F_CHUNKED
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            framing = _F_CLOSE
+            keep = False
+        if self.is_head:
+            framing = _F_NONE
+        if not keep:
+            parts.append(b"connection: close\r\n\r\n")
+        elif self.rversion == "1.0":
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self.keep = keep
+        self.framing = framing
+        self.head_sent = True
+        self.code = code
+        return b"".join(parts)
+
 
 # Request headers the HTTP layer itself looks at, by name as sent (a bounded cache: names are few).
 _H_HOST, _H_CL, _H_EXPECT, _H_TE, _H_HOST_DUP = 1, 2, 4, 8, 16
@@ -1051,36 +1086,7 @@ class WsgiProtocol(HttpProtocol):
             h = self._lookup_head()
         code = h.code
         keep = self.keep and not h.app_close and not (self.server.draining and not self.queue)
-        parts = [h.prefix, self.server.date_line if not h.has_date else
-                 f"server: {self.server.server_header}\r\n".encode()]
-        if code < 200 or code in _NO_BODY_CODES:
-            framing = _F_NONE
-        elif h.app_cl is not None:
-            framing = _F_LENGTH
-            self.remaining = h.app_cl
-        elif body_len is not None:
-            framing = _F_LENGTH
-            self.remaining = body_len
-            parts.append(b"content-length: %d\r\n" % body_len)
-        elif self.rversion == "1.1":
-            framing = _F_CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
-        else:
-            framing = _F_CLOSE
-            keep = False
-        if self.is_head:
-            framing = _F_NONE
-        if not keep:
-            parts.append(b"connection: close\r\n\r\n")
-        elif self.rversion == "1.0":
-            parts.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
-        self.keep = keep
-        self.framing = framing
-        self.head_sent = True
-        self.code = code
-        return b"".join(parts)
+        return self._framed_head(h.prefix, h.has_date, code, h.app_cl, body_len, keep)
 
     def _frame(self, chunk: bytes) -> bytes:
         framing = self.framing

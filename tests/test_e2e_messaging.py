@@ -199,7 +199,8 @@ def test_task_unit_is_hardened_like_the_workers(sandbox: sb.Sandbox, tmp_path: P
     sd = Systemd(sandbox=sandbox.name)
     ops.install(sd, tmp_path / "scoretask", progress=lambda m: None)
     try:
-        assert sd.show(["scoretask-task.service"], ("User", "DynamicUser"))[0] == {"User": "clusterctl-scoretask", "DynamicUser": "yes"}
+        task_user = sd.show(["scoretask-task.service"], ("User", "DynamicUser"))[0]
+        assert task_user == {"User": "clusterctl-scoretask", "DynamicUser": "yes"}
         task, workers = exposure(sandbox, "scoretask-task.service"), exposure(sandbox, "scoretask@1.service")
         print(f"\nexposure: task unit {task}, worker unit {workers}")
         assert task <= EXPOSURE_BOUND
