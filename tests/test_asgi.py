@@ -8,14 +8,12 @@ import asyncio
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 from test_engine import SMALL, Reader
 from test_runtime import SSA, Worker, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 
@@ -24,6 +22,7 @@ from clusterctl.engine import Limits
 from clusterctl.errors import ClusterctlError
 from clusterctl.generate import worker_argv
 from clusterctl.plan import build_plan
+from tests.engine_thread import EngineThread
 
 seen: list[dict[str, Any]] = []
 disconnects: list[str] = []
@@ -58,39 +57,21 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class AsgiEngine:
+class AsgiEngine(EngineThread):
     """AsgiServer on 127.0.0.1:<port> in a thread, like test_engine.Engine for WSGI."""
 
     def __init__(self, app: Any, limits: Limits = SMALL) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.loop = uvloop.new_event_loop()
-        ready = threading.Event()
 
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.server = AsgiServer(app, self.loop, limits)
-            self.server.state["greeting"] = "hello"
-            self.loop.run_until_complete(self.server.serve([self.sock]))
-            ready.set()
-            self.loop.run_forever()
-            self.server.force_close()
-            self.server.close()
-            self.loop.run_until_complete(asyncio.sleep(0.01))
-            self.loop.close()
+        def make(loop: asyncio.AbstractEventLoop) -> AsgiServer:
+            server = AsgiServer(app, loop, limits)
+            server.state["greeting"] = "hello"
+            return server
 
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        assert ready.wait(5)
+        super().__init__(make)
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=3)
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture

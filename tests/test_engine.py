@@ -6,20 +6,18 @@ with raw bytes, and asserts the exact status (or a close), then that the server 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.validate import validator
 
 import pytest
-import uvloop
 
 from clusterctl.engine import Limits, Server
+from tests.engine_thread import EngineThread
 
 pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
 
@@ -27,7 +25,7 @@ SMALL = Limits(keepalive_timeout=0.2, header_timeout=0.3, body_timeout=0.3, max_
                max_header_size=1024, max_headers=20, max_body_size=10_000, max_connections=50)
 
 
-class Engine:
+class Engine(EngineThread):
     """An engine serving `app` on 127.0.0.1:<port> from a thread; records the paths the app saw."""
 
     def __init__(self, app: Callable[..., Any], limits: Limits = SMALL, threads: int = 0,
@@ -42,32 +40,8 @@ class Engine:
         self.app = validator(recording) if validate else recording
         self.limits = limits
         self.threads = threads
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.loop = uvloop.new_event_loop()
-        self.server: Server | None = None
-        ready = threading.Event()
+        super().__init__(lambda loop: Server(self.app, loop, limits, threads=threads))
 
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.server = Server(self.app, self.loop, limits, threads=threads)
-            self.loop.run_until_complete(self.server.serve([self.sock]))
-            ready.set()
-            self.loop.run_forever()
-            self.server.force_close()
-            self.server.close()
-            self.loop.run_until_complete(asyncio.sleep(0.01))
-            self.loop.close()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        assert ready.wait(5)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
     def connect(self) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=3)

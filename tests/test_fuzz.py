@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clusterctl.engine import Limits, Server
+from tests.engine_thread import EngineThread
 
 LIMITS = Limits(keepalive_timeout=1.0, header_timeout=1.0, body_timeout=1.0, max_request_line=512,
                 max_header_size=2048, max_headers=30, max_body_size=4096, max_connections=64)
@@ -42,37 +41,18 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
     return [b"ok " + str(len(body)).encode()]
 
 
-class Engine:
+class Engine(EngineThread):
     """The engine on 127.0.0.1:<port> in a thread; collects anything raised into the event loop."""
 
     def __init__(self) -> None:
         self.loop_errors: list[str] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        self.loop = uvloop.new_event_loop()
-        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(repr(ctx)))
-        ready = threading.Event()
 
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.server = Server(app, self.loop, LIMITS)
-            self.loop.run_until_complete(self.server.serve([self.sock]))
-            ready.set()
-            self.loop.run_forever()
-            self.server.force_close()
-            self.server.close()
-            self.loop.run_until_complete(asyncio.sleep(0.01))
-            self.loop.close()
+        def make(loop: asyncio.AbstractEventLoop) -> Server:
+            loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(repr(ctx)))
+            return Server(app, loop, LIMITS)
 
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        assert ready.wait(5)
+        super().__init__(make, backlog=256)
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
     def send(self, data: bytes) -> bytes:
         """Send, half-close, read until the server closes (or a short timeout); the bytes received."""
