@@ -48,12 +48,37 @@ def ansible_dir() -> Path:
     raise ClusterctlError("clusterctl's Ansible playbooks are missing", "reinstall clusterctl")
 
 
-def ansible_playbook() -> str:
-    """ansible-playbook from this interpreter's environment first (the `fleet` extra installs it there)."""
-    beside = Path(sys.executable).parent / "ansible-playbook"
+def ansible_tool(tool: str = "ansible-playbook") -> str:
+    """An Ansible program from this interpreter's environment first (the `fleet` extra installs it there)."""
+    beside = Path(sys.executable).parent / tool
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    return proc.which("ansible-playbook", fix="install Ansible: pip install 'clusterctl[fleet]' (ansible-core)")
+    return proc.which(tool, fix="install Ansible: pip install 'clusterctl[fleet]' (ansible-core)")
+
+
+def ansible_playbook() -> str:
+    return ansible_tool("ansible-playbook")
+
+
+def inventory_order(inventory: Path) -> list[str]:
+    """The inventory's hosts in the order it lists them (the order a serial deploy takes), via
+    `ansible-inventory --list`; empty if it cannot be read (the caller then keeps the order it has)."""
+    result = proc.run([ansible_tool("ansible-inventory"), "-i", str(inventory), "--list"], check=False, timeout=60)
+    try:
+        groups = json.loads(result.stdout or "{}")
+    except json.JSONDecodeError:
+        return []
+    order: list[str] = []
+
+    def walk(group: str) -> None:
+        for host in groups.get(group, {}).get("hosts", []):
+            if host not in order:
+                order.append(host)
+        for child in groups.get(group, {}).get("children", []):
+            walk(child)
+
+    walk("all")
+    return order
 
 
 def parse_serial(spec: str) -> str:
@@ -417,7 +442,8 @@ def fleet_status(inventory: Path, name: str | None = None) -> FleetStatus:
                     hs.error = "clusterctl status printed no JSON"
             else:
                 hs.error = _last_line(str(e.get("stderr", ""))) or f"clusterctl status exited {e.get('rc')}"
-    fleet.hosts = list(hosts.values())
+    rank = {h: i for i, h in enumerate(inventory_order(inventory))}
+    fleet.hosts = sorted(hosts.values(), key=lambda h: rank.get(h.host, len(rank)))  # inventory order, not finish order
     if not fleet.hosts:
         raise ClusterctlError("no host in the inventory matched", "check the inventory (ansible-inventory -i INV --graph)")
     return fleet
