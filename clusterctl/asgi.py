@@ -284,22 +284,6 @@ class AsgiProtocol(HttpProtocol):
         keep = self.keep and not app_close and not (server.draining and not self.queue)
         return self._framed_head(prefix, has_date, code, app_cl, body_len, keep)
 
-    def _frame(self, chunk: bytes) -> bytes:
-        framing = self.framing
-        n = len(chunk)
-        if framing == _F_LENGTH:
-            if n > self.remaining:  # more than the app's Content-Length: truncate, then close
-                chunk = chunk[: self.remaining]
-                n = self.remaining
-                self.keep = False
-            self.remaining -= n
-            self.resp_bytes += n
-            return chunk
-        self.resp_bytes += n
-        if framing == _F_CHUNKED:
-            return b"%x\r\n%b\r\n" % (n, chunk)
-        return chunk
-
     # -- completion -----------------------------------------------------------------------------------------
     def _end(self, keep: bool) -> None:
         gone = self.gone

@@ -601,6 +601,26 @@ class HttpProtocol(asyncio.Protocol):
         self.code = code
         return b"".join(parts)
 
+    def _frame(self, chunk: bytes) -> bytes:
+        """One piece of body as the framing chosen by `_framed_head` sends it; counts the bytes sent."""
+        framing = self.framing
+        if framing == _F_LENGTH:
+            n = len(chunk)
+            if n > self.remaining:  # app wrote more than its Content-Length: truncate, then close
+                chunk = chunk[: self.remaining]
+                n = self.remaining
+                self.keep = False
+            self.remaining -= n
+            self.resp_bytes += n
+            return chunk
+        if framing == _F_CHUNKED:
+            self.resp_bytes += len(chunk)
+            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        if framing == _F_CLOSE:
+            self.resp_bytes += len(chunk)
+            return chunk
+        return b""
+
 
 # Request headers the HTTP layer itself looks at, by name as sent (a bounded cache: names are few).
 _H_HOST, _H_CL, _H_EXPECT, _H_TE, _H_HOST_DUP = 1, 2, 4, 8, 16
@@ -1088,25 +1108,6 @@ class WsgiProtocol(HttpProtocol):
         keep = self.keep and not h.app_close and not (self.server.draining and not self.queue)
         return self._framed_head(h.prefix, h.has_date, code, h.app_cl, body_len, keep)
 
-    def _frame(self, chunk: bytes) -> bytes:
-        framing = self.framing
-        if framing == _F_LENGTH:
-            n = len(chunk)
-            if n > self.remaining:  # app wrote more than its Content-Length: truncate, then close
-                chunk = chunk[: self.remaining]
-                n = self.remaining
-                self.keep = False
-            self.remaining -= n
-            self.resp_bytes += n
-            return chunk
-        if framing == _F_CHUNKED:
-            self.resp_bytes += len(chunk)
-            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        if framing == _F_CLOSE:
-            self.resp_bytes += len(chunk)
-            return chunk
-        return b""
-
     def _write_legacy(self, data: bytes) -> None:
         """The write() callable returned by start_response (PEP 3333's imperative API)."""
         if type(data) is not bytes:
@@ -1162,40 +1163,30 @@ class WsgiProtocol(HttpProtocol):
     def _sendfile_step(self) -> None:
         sock_fd, fd, pos, end = self.sf
         while pos < end and not self.closed:
-            if self.transport.get_write_buffer_size():
-                # Earlier bytes still queued in the transport: keep order by going through it.
-                chunk = os.pread(fd, min(end - pos, 262144), pos)
-                if not chunk:
+            # Earlier bytes still queued in the transport: keep order by going through it.
+            sent = -1 if self.transport.get_write_buffer_size() else None
+            if sent is None:
+                try:
+                    sent = os.sendfile(sock_fd, fd, pos, end - pos)
+                except BlockingIOError:
+                    sent = -1  # socket full: one buffered block makes the transport tell us when it drains
+                except OSError:
+                    self.abort()
                     break
-                pos += len(chunk)
-                self.transport.write(chunk)
-                if self.write_paused:
-                    self.sf = (sock_fd, fd, pos, end)
-                    self.resp_iter = _SENDFILE
-                    return
-                continue
-            try:
-                sent = os.sendfile(sock_fd, fd, pos, end - pos)
-            except BlockingIOError:
-                sent = -1
-            except OSError:
-                self.abort()
-                break
-            if sent == 0:
-                break
-            if sent < 0:
-                # Socket full: one buffered block makes the transport tell us when it drains.
-                chunk = os.pread(fd, min(end - pos, 262144), pos)
-                if not chunk:
+                if sent == 0:
                     break
-                pos += len(chunk)
-                self.transport.write(chunk)
-                if self.write_paused:
-                    self.sf = (sock_fd, fd, pos, end)
-                    self.resp_iter = _SENDFILE
-                    return
-            else:
+            if sent >= 0:
                 pos += sent
+                continue
+            chunk = os.pread(fd, min(end - pos, 262144), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            self.transport.write(chunk)
+            if self.write_paused:
+                self.sf = (sock_fd, fd, pos, end)
+                self.resp_iter = _SENDFILE
+                return
         self.resp_iter = None
         self._done()
 
