@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 
 from clusterctl import sandbox as sb
-from clusterctl.errors import ClusterctlError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def can_sandbox() -> None:
-    try:
-        sb.check_host()
-    except ClusterctlError as e:
-        if os.environ.get("CLUSTERCTL_REQUIRE_SANDBOX") == "1":
-            pytest.fail(f"sandbox required but unavailable: {e}")
-        pytest.skip(f"cannot boot a systemd sandbox here: {e}")
+def can_sandbox(sandbox_factory) -> None:
+    """The suite boots its own sandbox: only the host check (skip, or fail under CI) is shared with conftest."""
+    sandbox_factory.reap_once()
     if not Path("/usr/bin/wrk").exists():
         pytest.skip("wrk is not installed (.ci/setup installs it)")
 
