@@ -5,8 +5,11 @@ Expect: 100-continue, read backpressure) is `HttpProtocol`'s, unchanged: this mo
 parsed request into a `scope` + `receive`/`send` pair and frames what the app sends. One response at a
 time per connection, in request order (the HTTP layer starts the next request on `finish()`).
 
-The HTTP layer hands over complete bodies (bounded by --max-body-size), so `http.request` arrives as one
-message with `more_body: False`.
+Bodies are streamed (`stream_bodies`): a request whose body starts on an idle connection reaches the app
+at the end of its head, and `http.request` messages carry the body as it is read, `more_body` until the
+last. Flow control: past `BODY_HIGH_WATER` bytes read and not yet received by the app, the HTTP layer
+stops reading the socket, so a slow app never holds more than that (plus one read) of a 100 MB upload.
+A request pipelined behind another one is read whole first, like WSGI's, bounded by --max-body-size.
 """
 
 from __future__ import annotations
@@ -119,6 +122,29 @@ class AsgiServer(Server):
         return AsgiProtocol(self)
 
 
+BODY_HIGH_WATER = 65536
+_MORE, _COMPLETE, _GIVEN, _BROKEN = 0, 1, 2, 3  # _Body.state
+
+
+class _Body:
+    """The streamed body of the request being handled: what was read and not yet received by the app."""
+
+    __slots__ = ("parts", "size", "state", "waiter")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.state = _MORE
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        fut = self.waiter
+        if fut is not None:
+            self.waiter = None
+            if not fut.done():
+                fut.set_result(None)
+
+
 def _response_head(status: Any, headers: Any) -> tuple[int, bytes, int | None, bool, bool]:
     """(code, head without framing/date lines, app Content-Length, app asked to close, app set Date)."""
     if type(status) is not int or not 100 <= status <= 999:
@@ -149,8 +175,10 @@ def _response_head(status: Any, headers: Any) -> tuple[int, bytes, int | None, b
 class AsgiProtocol(HttpProtocol):
     """ASGI 3 HTTP on top of HttpProtocol: one app task per request, responses in request order."""
 
-    __slots__ = ("app", "base_env", "base_scope", "code", "drained", "framing", "gone", "head_sent", "is_head",
-                 "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0")
+    __slots__ = ("app", "base_env", "base_scope", "code", "drained", "framing", "gone", "head_sent", "inbox",
+                 "is_head", "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0")
+
+    stream_bodies = True
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
@@ -160,6 +188,7 @@ class AsgiProtocol(HttpProtocol):
         self.gone: asyncio.Event | None = None       # set when this request's client left or response ended
         self.drained: asyncio.Future[None] | None = None
         self.start: Message | None = None
+        self.inbox: _Body | None = None              # the current request's streamed body, if it has one
         self.head_sent = False
         self.framing = _F_NONE
         self.remaining = -1
@@ -206,13 +235,18 @@ class AsgiProtocol(HttpProtocol):
         if self.server.access_log is not None:
             self.t0 = time.perf_counter()
             self.req_line = f"{m} {target.decode('latin-1')} HTTP/{version}"
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        if body is None:
+            self.inbox = _Body()
+            receive = self._streamed_receive(gone, self.inbox)
+        else:
+            self.inbox = None
+            pending = [{"type": "http.request", "body": body, "more_body": False}]
 
-        async def receive() -> Message:
-            if pending:
-                return pending.pop()
-            await gone.wait()
-            return {"type": "http.disconnect"}
+            async def receive() -> Message:
+                if pending:
+                    return pending.pop()
+                await gone.wait()
+                return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
             if self.gone is not gone:
@@ -225,6 +259,67 @@ class AsgiProtocol(HttpProtocol):
         tasks: set[asyncio.Task[None]] = self.server.tasks  # type: ignore[attr-defined]
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+
+    def _streamed_receive(self, gone: asyncio.Event, inbox: _Body) -> Callable[[], Awaitable[Message]]:
+        async def receive() -> Message:
+            while True:
+                if inbox.parts:
+                    parts = inbox.parts
+                    chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+                    inbox.parts = []
+                    inbox.size = 0
+                    more = inbox.state == _MORE
+                    if not more:
+                        inbox.state = _GIVEN
+                    if self.gone is gone:
+                        self.release_body()
+                    return {"type": "http.request", "body": chunk, "more_body": more}
+                if inbox.state == _COMPLETE:
+                    inbox.state = _GIVEN
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                if self.gone is not gone or gone.is_set() or inbox.state == _BROKEN:
+                    return {"type": "http.disconnect"}
+                if inbox.state == _GIVEN:
+                    await gone.wait()
+                    continue
+                if self.continue_pending:  # the app wants the body: now the client may send it
+                    self.continue_pending = False
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                inbox.waiter = self.loop.create_future()
+                await inbox.waiter
+        return receive
+
+    def stream_chunk(self, chunk: bytes) -> None:
+        inbox = self.inbox
+        assert inbox is not None
+        inbox.parts.append(chunk)
+        inbox.size += len(chunk)
+        if inbox.size > BODY_HIGH_WATER:
+            self.hold_body()
+        inbox.wake()
+
+    def stream_end(self) -> None:
+        inbox = self.inbox
+        assert inbox is not None
+        inbox.state = _COMPLETE
+        inbox.wake()
+
+    def stream_abort(self) -> None:
+        inbox = self.inbox
+        assert inbox is not None
+        inbox.state = _BROKEN
+        inbox.wake()
+        self.release_body()
+        err = self.error
+        if self.gone is None:
+            return
+        if not self.head_sent and err is not None:
+            self.code = err.status  # the HTTP layer sends the error response once the request has ended
+            self._end(True)
+        else:
+            self.error = None
+            self.server.errors += 1
+            self._end(False)
 
     async def _run(self, scope: Scope, receive: Any, send: Any, gone: asyncio.Event) -> None:
         # `self.gone is gone` while this request's response is unfinished; after it ended, the app may
@@ -291,6 +386,9 @@ class AsgiProtocol(HttpProtocol):
             gone.set()  # a receive() still waiting (e.g. a disconnect listener) returns http.disconnect
         self.gone = None
         self._wake()
+        if self.inbox is not None:
+            self.inbox.wake()
+            self.inbox = None
         if self.server.access_log is not None:
             self.server.access_log(self, self.code, self.resp_bytes)
         self.framing = _F_NONE
@@ -329,14 +427,18 @@ class AsgiProtocol(HttpProtocol):
         # The HTTP layer still answers what was read; the running app hears http.disconnect, as it would
         # under uvicorn, so a long poll or stream for a client that hung up stops.
         keep_open = super().eof_received()
-        if self.gone is not None:
-            self.gone.set()
+        self._client_left()
         return keep_open
 
     def on_lost(self) -> None:
+        self._client_left()
+        self._wake()
+
+    def _client_left(self) -> None:
         if self.gone is not None:
             self.gone.set()
-        self._wake()
+        if self.inbox is not None:
+            self.inbox.wake()
 
 
 # -- lifespan -----------------------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ class _Reject(Exception):
 # Request tuple handed from the HTTP layer to an adapter:
 # (method, target, headers[(name as sent, value)], body, keep_alive, version, content_length_given).
 # Names keep the client's case: an adapter maps them through its own cache (WSGI: environ keys).
+# body is None for a streamed request (adapters with `stream_bodies`): its body follows through
+# stream_chunk()/stream_end(), read from the socket only as fast as the app consumes it.
 Request = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool, str, bool]
 
 
@@ -199,10 +201,16 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: with more than 30 attributes CPython 3.11 stops sharing instance-dict keys and every
     # self.x becomes a dict lookup; slot access is a fixed offset.
-    __slots__ = ("body", "body_len", "busy", "closed", "continue_pending", "error", "expect", "got_bytes",
+    __slots__ = ("body", "body_held", "body_len", "busy", "closed", "continue_pending", "error", "expect", "got_bytes",
                  "head_carry", "head_limit", "headers", "hflags", "in_head", "limits", "lingering", "loop",
                  "max_header_size", "measure", "parser", "phase", "queue", "read_big", "read_paused", "running_queue",
-                 "server", "since", "stop_parsing", "transport", "url", "version", "writable", "write_paused")
+                 "server", "since", "stop_parsing", "streaming", "transport", "url", "version", "writable",
+                 "write_paused")
+
+    # True: a request with a body that arrives while the connection is idle is handed to the adapter at the
+    # end of its head, and the body follows as it is read (ASGI's http.request with more_body). False: the
+    # body is read whole first, bounded by --max-body-size (WSGI apps read wsgi.input synchronously).
+    stream_bodies = False
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -240,6 +248,8 @@ class HttpProtocol(asyncio.Protocol):
         self.expect = b""             # valid only while hflags & _H_EXPECT
         self.body: list[bytes] | None = None
         self.body_len = 0
+        self.streaming = False        # the request being handled still has body to come
+        self.body_held = False        # reading paused until the adapter's app consumes the body read so far
 
     # -- transport callbacks ------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -339,6 +349,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = []
         self.hflags = 0
         self.body = None
+        self.body_len = 0
         self.in_head = True
         self.head_carry = 0
         self.measure = self.read_big
@@ -396,18 +407,41 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(505 if version[:1] > "1" else 400, f"HTTP/{version} not supported")
         if hf & (_H_CL | _H_TE):
             self.since = self.server.clock  # a body follows: the body timeout starts now
+            expects = False
             if hf & _H_EXPECT:
                 if self.expect != b"100-continue":
                     raise _Reject(417, "unsupported Expect")
-                if version == "1.1":
-                    if self.busy or self.queue:
-                        self.continue_pending = True
-                    else:
-                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                expects = version == "1.1"
+            if self.stream_bodies and not (self.busy or self.queue):
+                self.continue_pending = expects  # the adapter sends 100 Continue when the app first reads
+                self._dispatch_streamed()
+            elif expects:
+                if self.busy or self.queue:
+                    self.continue_pending = True
+                else:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif hf & _H_EXPECT and self.expect != b"100-continue":
             raise _Reject(417, "unsupported Expect")
 
+    def _dispatch_streamed(self) -> None:
+        """Hand the request to the adapter now; its body follows through stream_chunk()/stream_end()."""
+        parser = self.parser
+        keep = parser.should_keep_alive()
+        self.streaming = True
+        self.busy = True
+        server = self.server
+        server.in_flight += 1
+        self.handle((parser.get_method(), self.url, self.headers, None, keep, self.version, self.hflags & _H_CL != 0),
+                    keep and not server.draining)
+
     def on_body(self, body: bytes) -> None:
+        if self.streaming:
+            self.body_len += len(body)
+            if self.body_len > self.limits.max_body_size:
+                raise _Reject(413, "body larger than --max-body-size")
+            self.since = self.server.clock
+            self.stream_chunk(body)
+            return
         if self.body is None:
             self.body = [body]
             self.body_len = len(body)
@@ -420,6 +454,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         # No clock update here: a queued request is never timed out, and finish() restarts the idle clock.
+        if self.streaming:
+            self.streaming = False
+            self.in_head = False
+            self.continue_pending = False
+            self.phase = IDLE
+            self.stream_end()
+            return
         body = self.body
         parser = self.parser
         self.queue.append((
@@ -464,9 +505,40 @@ class HttpProtocol(asyncio.Protocol):
     def handle(self, req: Request, keep_alive: bool) -> None:
         raise NotImplementedError
 
+    # -- streamed bodies (adapters with stream_bodies) -------------------------------------------------------
+    def stream_chunk(self, chunk: bytes) -> None:
+        """A piece of the streamed request's body."""
+        raise NotImplementedError
+
+    def stream_end(self) -> None:
+        """The streamed request's body is complete."""
+        raise NotImplementedError
+
+    def stream_abort(self) -> None:
+        """The streamed body broke (self.error says how): the app must hear it; the adapter ends the request
+        with finish(): the HTTP layer then sends the error response, or closes if the app's response began."""
+        raise NotImplementedError
+
+    def hold_body(self) -> None:
+        """Stop reading: the app has not consumed what was read of the body (flow control)."""
+        if not self.body_held and not self.closed:
+            self.body_held = True
+            self.transport.pause_reading()
+
+    def release_body(self) -> None:
+        if self.body_held:
+            self.body_held = False
+            self.since = self.server.clock  # the body timeout measures the client, not the app
+            if not (self.closed or self.read_paused):
+                self.transport.resume_reading()
+
     def finish(self, keep_alive: bool) -> None:
         """The adapter's response is complete (called on the loop thread)."""
         self.busy = False
+        if self.streaming:  # answered before the body was read: closing is cheaper than reading it to discard
+            self.streaming = False
+            self.release_body()
+            keep_alive = False
         server = self.server
         server.in_flight -= 1
         server.served += 1
@@ -486,7 +558,10 @@ class HttpProtocol(asyncio.Protocol):
     def _fail(self, err: _Reject) -> None:
         self.stop_parsing = True
         self.error = err
-        if not self.busy and not self.queue:
+        if self.streaming:
+            self.streaming = False
+            self.stream_abort()
+        elif not self.busy and not self.queue:
             self._send_error()
         elif not self.busy:
             self.run_queue()
@@ -528,6 +603,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.write_paused:
             if now - self.since > lim.body_timeout:
                 self.abort()
+            return
+        if self.streaming and not self.body_held and now - self.since > lim.body_timeout:
+            self._fail(_Reject(408, "request body not received in time"))
             return
         if self.busy or self.closed:
             return

@@ -171,6 +171,177 @@ def test_expect_100_continue(asgi_engine: AsgiEngine) -> None:
     assert st == 200 and body.endswith(b"body=ok")
 
 
+# -- streamed request bodies and flow control ------------------------------------------------------------
+
+uploads: list[list[tuple[int, bool]]] = []
+release = asyncio.Event()
+
+
+async def body_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Records each http.request as (body length, more_body), -1 for http.disconnect; answers the total."""
+    if scope["path"] == "/reject":  # answers without reading the body
+        await send({"type": "http.response.start", "status": 403, "headers": []})
+        await send({"type": "http.response.body", "body": b"no"})
+        return
+    if scope["path"] == "/held":  # reads one message, then waits until the test releases it
+        first = await receive()
+        await release.wait()
+        msgs = [(len(first["body"]), first["more_body"])]
+    else:
+        msgs = []
+    while not msgs or msgs[-1][1]:
+        m = await receive()
+        msgs.append((len(m["body"]), m["more_body"]) if m["type"] == "http.request" else (-1, False))
+    uploads.append(msgs)
+    if msgs[-1][0] != -1:
+        total = sum(n for n, _ in msgs)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d" % total})
+
+
+@pytest.fixture
+def body_engine() -> Iterator[AsgiEngine]:
+    uploads.clear()
+    e = AsgiEngine(body_app, Limits(body_timeout=0.5, max_body_size=64 << 20))
+    yield e
+    e.stop()
+
+
+def test_body_reaches_the_app_as_it_arrives(body_engine: AsgiEngine) -> None:
+    with body_engine.connect() as s:
+        s.sendall(b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        time.sleep(0.1)
+        s.sendall(b"5\r\nworld\r\n")
+        time.sleep(0.1)
+        s.sendall(b"0\r\n\r\n")
+        st, _, body = Reader(s).response()
+        assert (st, body) == (200, b"10")
+        # keep-alive after a streamed body: the next request is served on the same connection
+        s.sendall(b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
+        assert Reader(s).response()[2] == b"3"
+    assert uploads[0][:2] == [(5, True), (5, True)] and uploads[0][-1][1] is False
+    assert uploads[1][-1] == (3, False) or uploads[1][-2:] == [(3, True), (0, False)]
+
+
+def test_expect_continue_only_when_the_app_reads(body_engine: AsgiEngine) -> None:
+    with body_engine.connect() as s:
+        s.sendall(b"POST /reject HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        r = Reader(s)
+        st, _, body = r.response()
+        assert (st, body) == (403, b"no")  # no "100 Continue" first: the client never has to send the body
+        s.settimeout(2)
+        assert r.closed()  # the unread body makes the connection unusable: closed, not read to discard
+    with body_engine.connect() as s:
+        s.sendall(b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"12345")
+        assert Reader(s).response()[2] == b"5"
+
+
+def test_reading_stops_while_the_app_does_not_consume(body_engine: AsgiEngine) -> None:
+    release.clear()
+    size = 32 << 20
+    s = body_engine.connect()
+    s.sendall(b"POST /held HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size)
+    block = b"x" * (1 << 20)
+    sent = 0
+    s.settimeout(0.5)
+    try:
+        while sent < size:
+            sent += s.send(block)
+    except TimeoutError:
+        pass
+    # The engine stopped reading: the rest sits in the kernel's socket buffers, not in the worker.
+    assert sent < size, "the whole body was accepted while the app read none of it"
+    (conn,) = body_engine.server.connections  # type: ignore[attr-defined]
+    assert conn.body_held and conn.inbox.size < 1 << 20
+    time.sleep(0.7)  # longer than body_timeout: a paused read is the app's doing, never a slow client's
+    assert not conn.closed
+    body_engine.loop.call_soon_threadsafe(release.set)
+    s.settimeout(10)
+    while sent < size:
+        sent += s.send(block[: size - sent])
+    st, _, body = Reader(s).response()
+    s.close()
+    assert (st, body) == (200, b"%d" % size)
+    assert len(uploads[0]) > 2 and all(more for _, more in uploads[0][:-1])
+
+
+@pytest.mark.parametrize(("tail", "status"), [(b"zz\r\nxx\r\n", 400), (b"20\r\n" + b"y" * 32 + b"\r\n", 413)])
+def test_broken_streamed_body_errors_and_the_app_hears_disconnect(tail: bytes, status: int) -> None:
+    uploads.clear()
+    e = AsgiEngine(body_app, Limits(max_body_size=16))
+    try:
+        _broken_body(e, tail, status)
+    finally:
+        e.stop()
+    assert uploads == [[(3, True), (-1, False)]]
+
+
+def _broken_body(e: AsgiEngine, tail: bytes, status: int) -> None:
+    with e.connect() as s:
+        s.sendall(b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        time.sleep(0.1)
+        s.sendall(tail)
+        r = Reader(s)
+        assert r.response()[0] == status
+        s.settimeout(2)
+        assert r.closed()
+
+
+def test_slow_streamed_body_times_out(body_engine: AsgiEngine) -> None:
+    with body_engine.connect() as s:
+        s.sendall(b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+        r = Reader(s)
+        assert r.response()[0] == 408
+    assert uploads == [[(3, True), (-1, False)]]
+
+
+SLOW_READER = """
+import asyncio
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    total = 0
+    while True:
+        m = await receive()
+        total += len(m.get("body", b""))
+        if not m.get("more_body"):
+            break
+        await asyncio.sleep(0.0005)  # a slow consumer: the upload must wait for it, not pile up in memory
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"%d" % total})
+"""
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def test_100mb_upload_to_a_slow_reader_keeps_rss_bounded(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "slow.py").write_text(SLOW_READER)
+    size = 100 << 20
+    w = spawn("--app", "slow:app", "--no-access-log", "--max-body-size", str(size), cwd=tmp_path)
+    s = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    with s:
+        s.settimeout(30)
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".replace(
+            b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % size))
+        before = _rss_kib(w.proc.pid, "VmRSS")
+        block = b"u" * (1 << 20)
+        for _ in range(size >> 20):
+            s.sendall(block)
+        st, _, body = Reader(s).response()
+    assert (st, body) == (200, b"%d" % size)
+    peak = _rss_kib(w.proc.pid, "VmHWM")
+    assert peak - before < 24 << 10, f"worker RSS grew by {(peak - before) >> 10} MiB during a 100 MiB upload"
+
+
 # -- interface detection ------------------------------------------------------------------------------------
 
 def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
