@@ -96,6 +96,8 @@ class WorkerConfig:
     backlog: int = 4096
     loop: str = "uvloop"
     interface: str = "auto"
+    ws_max_size: int = 16 * 1024 * 1024
+    ws_per_message_deflate: bool = True
 
 
 # (flag, dest, type, help). Booleans are --X/--no-X pairs. Defaults come from WorkerConfig.
@@ -122,6 +124,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-requests-jitter", "max_requests_jitter", int, "add 0..N to --max-requests so workers differ"),
     ("--backlog", "backlog", int, "listen backlog re-applied to the socket (match the unit's Backlog=)"),
     ("--loop", "loop", str, "event loop: uvloop (default) or asyncio"),
+    ("--ws-max-size", "ws_max_size", int, "ASGI WebSockets: largest message in bytes (closes with 1009 above)"),
+    ("--ws-per-message-deflate", "ws_per_message_deflate", bool, "ASGI WebSockets: accept permessage-deflate"),
 ]
 
 
