@@ -163,9 +163,10 @@ class WebSocket:
     async def _run(self, scope: dict[str, Any]) -> None:
         try:
             await self.proto.app(scope, self.receive, self.send)
-        except Exception:
-            log.exception("error in ASGI app on WebSocket %s", scope["path"])
-            self.server.errors += 1
+        except Exception as e:
+            if not isinstance(e, ClientDisconnected):  # the client left while the app sent: not the app's fault
+                log.exception("error in ASGI app on WebSocket %s", scope["path"])
+                self.server.errors += 1
             if self.state == CONNECTING:
                 self._reject(500)
             else:
