@@ -388,3 +388,15 @@ def test_sigterm_closes_websockets_1001_and_status_counts_them(spawn: Callable[.
     assert run(go()) == [1001, 1001, 1001]
     assert w.proc.wait(10) == 0  # drained, not force-closed at the deadline
     assert time.monotonic() - t0 < 8
+
+
+def test_status_column_only_where_workers_report_websockets() -> None:
+    from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, ws_column
+    from clusterctl.ops import parse_websockets
+
+    assert parse_websockets("requests served 5, in flight 0, errors 0, connections 3, websockets 2") == 2
+    assert parse_websockets("requests served 5, in flight 0, errors 0, connections 3") is None  # a WSGI worker
+    rows = [{"instance": "1", "websockets": 2}, {"instance": "2", "websockets": None}]
+    ws = ws_column(rows)
+    assert ws == ["websockets"] and [instance_cells(r, ws)[-1] for r in rows] == ["2", "-"]
+    assert ws_column([{"websockets": None}]) == [] and len(instance_cells(rows[0])) == len(INSTANCE_HEAD)
