@@ -59,7 +59,8 @@ _handlers: list[Callable[[dict[str, Any]], Any]] = []
 def on_message(handler: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
     """Call `handler(message)` for every message this worker gets (broadcast or sent to it), and once on
     start with the saved state when there is one. It runs on the event loop: it must not block (hand slow
-    work to a thread). An exception is logged and never stops the worker. Usable as a decorator."""
+    work to a thread). An `async def` handler (natural in ASGI apps) runs as a task on the loop, so it may
+    await. An exception is logged and never stops the worker. Usable as a decorator."""
     if not callable(handler):
         raise TypeError("on_message needs a callable")
     _handlers.append(handler)
