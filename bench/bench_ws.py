@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import BIN, PY, REPO, free_port, wait_ready
+from bench_core import BIN, PY, REPO, free_port, running
 
 APP = "examples.wsecho:app"
 
@@ -82,15 +80,9 @@ def run_client(port: int, args: argparse.Namespace, duration: float) -> dict[str
 
 
 def measure(argv: list[str], port: int, args: argparse.Namespace) -> dict[str, float]:
-    proc = subprocess.Popen(["taskset", "-c", "1", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_ready(port)
+    with running(argv, port):
         run_client(port, args, min(1.0, args.duration))  # warm-up
         return run_client(port, args, args.duration)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and anything it forked
-        proc.wait(10)
 
 
 def main() -> None:
