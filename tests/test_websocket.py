@@ -400,3 +400,27 @@ def test_status_column_only_where_workers_report_websockets() -> None:
     ws = ws_column(rows)
     assert ws == ["websockets"] and [instance_cells(r, ws)[-1] for r in rows] == ["2", "-"]
     assert ws_column([{"websockets": None}]) == [] and len(instance_cells(rows[0])) == len(INSTANCE_HEAD)
+
+
+def test_other_upgrades_get_plain_http_and_close(engine: WsEngine) -> None:
+    """WSGI apps, and other upgrades (h2c) on ASGI: the request is answered as HTTP/1.1 and the connection
+    closes; bytes after the head are never parsed as another request."""
+    from clusterctl.engine import Server
+
+    def wsgi(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"wsgi here"]
+
+    w = EngineThread(lambda loop: Server(wsgi, loop))
+    try:
+        for port, upgrade, body in ((w.port, b"websocket", b"wsgi here"), (engine.port, b"h2c", b"plain http")):
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: " + upgrade +
+                          b"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(body) and data.count(b"HTTP/1.1") == 1
+    finally:
+        w.stop()
