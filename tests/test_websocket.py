@@ -390,6 +390,22 @@ def test_sigterm_closes_websockets_1001_and_status_counts_them(spawn: Callable[.
     assert time.monotonic() - t0 < 8
 
 
+def test_drain_deadline_cuts_a_client_that_never_answers_the_close(spawn: Callable[..., Worker]) -> None:  # noqa: F811
+    """A client that neither reads nor answers 1001 holds the worker only until --drain-timeout (exit 1)."""
+    w = spawn("--app", "examples.wsecho:app", "--no-access-log", "--drain-timeout", "1")
+    s = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    s.sendall(WSConnection(ConnectionType.CLIENT).send(Request(host="h", target="/ws")))
+    assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    t0 = time.monotonic()
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 1
+    assert 0.9 < time.monotonic() - t0 < 4
+    _, err = w.output()
+    assert "drain timeout: closing 1 connection(s)" in err
+    s.close()
+
+
 def test_status_column_only_where_workers_report_websockets() -> None:
     from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, ws_column
     from clusterctl.ops import parse_websockets
