@@ -28,7 +28,7 @@ from tests.worker_user import worker_user
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "wsdemo"
-PORT = 8300
+PORT = 8350  # not shared with the other e2e modules (8300: hardening, up)
 CLIENTS = 50
 
 
