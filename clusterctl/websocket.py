@@ -144,13 +144,16 @@ class WebSocket:
         task.add_done_callback(self.server.tasks.discard)
 
     def going_away(self) -> None:
-        """The worker drains: close with 1001 (one still connecting is closed so as soon as it is accepted)."""
+        """The worker drains: close with 1001 (one still connecting is closed as soon as the app accepts it)."""
         if self.state == OPEN:
             self._close(1001, "server shutting down")
 
     def lost(self) -> None:
-        """The transport is gone: the app hears 1006 unless a close code was already exchanged."""
-        self.state = CLOSED
+        """The transport is gone: the app hears 1006 unless a close code was already exchanged. A handshake
+        the app has not answered stays CONNECTING: its accept raises ClientDisconnected and `_run` then
+        ends the request (in flight until then)."""
+        if self.state != CONNECTING:
+            self.state = CLOSED
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -173,7 +176,8 @@ class WebSocket:
                 self._close(1011, "internal error")
             return
         if self.state == CONNECTING:
-            log.error("ASGI app returned without accepting or closing the WebSocket %s", scope["path"])
+            if not self.proto.closed:
+                log.error("ASGI app returned without accepting or closing the WebSocket %s", scope["path"])
             self._reject(500)
         elif self.state == OPEN:
             self._close(1000, "")

@@ -44,6 +44,8 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if path == "/boom":
         raise RuntimeError("boom before accept")
+    if path == "/slow-accept":
+        await asyncio.sleep(0.3)
     subprotocol = scope["subprotocols"][0] if scope["subprotocols"] else None
     await send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": [(b"x-ws", b"yes")]})
     if path == "/close-4001":
@@ -188,6 +190,17 @@ def test_reject_is_403_and_an_error_before_accept_500(engine: WsEngine) -> None:
         s.sendall(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         assert s.recv(4096).endswith(b"plain http")
     wait_until(lambda: engine.server.in_flight == 0)
+
+
+def test_client_leaving_before_accept_ends_the_request(engine: WsEngine) -> None:
+    """The app accepts after the client left: ClientDisconnected, and the request no longer counts in flight
+    (a leak there would hold every drain until its deadline). Not an app error."""
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=3) as s:
+        s.sendall(WSConnection(ConnectionType.CLIENT).send(Request(host="h", target="/slow-accept")))
+        wait_until(lambda: engine.server.in_flight == 1)
+    time.sleep(0.5)
+    assert (engine.server.in_flight, engine.server.websockets, engine.server.errors) == (0, 0, 0)
+    assert not engine.server.connections
 
 
 def test_frames_in_the_same_read_as_the_upgrade_head_reach_wsproto(engine: WsEngine) -> None:
