@@ -203,6 +203,25 @@ def test_client_leaving_before_accept_ends_the_request(engine: WsEngine) -> None
     assert not engine.server.connections
 
 
+def test_protocol_errors_close_with_1002(engine: WsEngine) -> None:
+    """wsproto's checks are ours: an unmasked client frame is a protocol error, answered with close 1002."""
+    client = WSConnection(ConnectionType.CLIENT)
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=3) as s:
+        s.sendall(client.send(Request(host="h", target="/echo")))
+        client.receive_data(s.recv(4096))
+        assert isinstance(next(client.events()), AcceptConnection)
+        s.sendall(Connection(ConnectionType.SERVER).send(TextMessage(data="unmasked")))  # server frames are unmasked
+        closes: list[CloseConnection] = []
+        while not closes:
+            chunk = s.recv(65536)
+            assert chunk, "closed without a close frame"
+            client.receive_data(chunk)
+            closes += [e for e in client.events() if isinstance(e, CloseConnection)]
+        assert closes[0].code == 1002
+    wait_until(lambda: bool(heard))
+    assert heard[-1]["code"] == 1002
+
+
 def test_frames_in_the_same_read_as_the_upgrade_head_reach_wsproto(engine: WsEngine) -> None:
     """A client may pipeline its first frames behind the handshake: none of those bytes may be lost."""
     client = WSConnection(ConnectionType.CLIENT)
