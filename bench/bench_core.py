@@ -12,6 +12,7 @@ Prints a table with the ratios to the targets of issue 3 and writes raw JSON to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,17 +77,24 @@ def wrk(port: int, duration: int, conns: int, close: bool) -> float:
     return float(m.group(1))
 
 
-def measure(name: str, argv: list[str], port: int, args: argparse.Namespace) -> dict[str, float]:
+@contextlib.contextmanager
+def running(argv: list[str], port: int) -> Iterator[None]:
+    """A server pinned to core 1, answering on `port` for the block, then killed with all it forked."""
     proc = subprocess.Popen(["taskset", "-c", "1", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_ready(port)
-        wrk(port, 1, args.connections, False)  # warm-up
-        return {"keepalive": wrk(port, args.duration, args.connections, False),
-                "close": wrk(port, args.duration, args.connections, True)}
+        yield
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and any children it forked
         proc.wait(10)
+
+
+def measure(name: str, argv: list[str], port: int, args: argparse.Namespace) -> dict[str, float]:
+    with running(argv, port):
+        wrk(port, 1, args.connections, False)  # warm-up
+        return {"keepalive": wrk(port, args.duration, args.connections, False),
+                "close": wrk(port, args.duration, args.connections, True)}
 
 
 def main() -> None:

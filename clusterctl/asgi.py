@@ -35,6 +35,7 @@ from clusterctl.engine import (
     _target,
 )
 from clusterctl.errors import ClusterctlError
+from clusterctl.websocket import MAX_SIZE, WebSocket, is_websocket
 
 log = logging.getLogger("clusterctl.asgi")
 
@@ -117,6 +118,9 @@ class AsgiServer(Server):
         super().__init__(*args, **kw)
         self.state: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.ws_max_size = MAX_SIZE   # --ws-max-size: larger messages close with 1009
+        self.ws_deflate = True        # offer permessage-deflate (--ws-per-message-deflate)
+        self.websockets = 0           # open WebSockets (STATUS=)
 
     def protocol(self) -> HttpProtocol:
         return AsgiProtocol(self)
@@ -176,7 +180,7 @@ class AsgiProtocol(HttpProtocol):
     """ASGI 3 HTTP on top of HttpProtocol: one app task per request, responses in request order."""
 
     __slots__ = ("app", "base_env", "base_scope", "code", "drained", "framing", "gone", "head_sent", "inbox",
-                 "is_head", "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0")
+                 "is_head", "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0", "ws")
 
     stream_bodies = True
 
@@ -199,6 +203,7 @@ class AsgiProtocol(HttpProtocol):
         self.code = 0
         self.t0 = 0.0
         self.req_line = ""
+        self.ws: WebSocket | None = None  # set at a websocket upgrade: every later byte is the WebSocket's
 
     def setup(self, transport: Any) -> None:
         sockname = transport.get_extra_info("sockname")
@@ -210,8 +215,32 @@ class AsgiProtocol(HttpProtocol):
                            "server": server, "client": client}
         self.base_env = {"REMOTE_ADDR": client[0] if client else ""}
 
+    # -- websocket upgrade (clusterctl/websocket.py) ---------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.feed(data)
+            return
+        super().data_received(data)
+
+    def on_upgrade(self, rest: bytes) -> None:
+        if not (self.queue and is_websocket(self.queue[-1])):
+            super().on_upgrade(rest)  # other upgrades (h2c ...): a plain HTTP answer
+            return
+        self.stop_parsing = True
+        self.ws = WebSocket(self, self.queue[-1])
+        self.ws.feed(rest)
+
+    def drain(self) -> None:
+        if self.ws is not None and self.ws.started:
+            self.ws.going_away()
+        else:
+            super().drain()
+
     # -- request --------------------------------------------------------------------------------------------
     def handle(self, req: Request, keep_alive: bool) -> None:
+        if self.ws is not None and req is self.ws.req:
+            self.ws.start()
+            return
         method, target, headers, body, _keep, version, _cl = req
         t = _TARGETS.get(target) or _target(target)
         scope = self.base_scope.copy()
@@ -426,6 +455,8 @@ class AsgiProtocol(HttpProtocol):
     def eof_received(self) -> bool | None:
         # The HTTP layer still answers what was read; the running app hears http.disconnect, as it would
         # under uvicorn, so a long poll or stream for a client that hung up stops.
+        if self.ws is not None:
+            return None  # a WebSocket client half-closing without a close frame: close (1006)
         keep_open = super().eof_received()
         self._client_left()
         return keep_open
@@ -439,6 +470,8 @@ class AsgiProtocol(HttpProtocol):
             self.gone.set()
         if self.inbox is not None:
             self.inbox.wake()
+        if self.ws is not None:
+            self.ws.lost()
 
 
 # -- lifespan -----------------------------------------------------------------------------------------------

@@ -304,11 +304,9 @@ class HttpProtocol(asyncio.Protocol):
             self.measure = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # We speak plain HTTP/1.1 only: answer the request, ignore the upgrade, close after it.
-            self.stop_parsing = True
-            if self.queue:
-                self.queue[-1] = (*self.queue[-1][:4], False, *self.queue[-1][5:])  # type: ignore[assignment]
+        except httptools.HttpParserUpgrade as e:
+            # llhttp stops at a request that asks to switch protocols; e.args[0]: where its head ends in `data`.
+            self.on_upgrade(data[e.args[0]:] if e.args and isinstance(e.args[0], int) else b"")
         except httptools.HttpParserCallbackError as e:
             ctx = e.__context__
             self._fail(ctx if isinstance(ctx, _Reject) else _Reject(400, str(ctx or e)))
@@ -325,6 +323,13 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         if queue and not self.busy:
             self.run_queue()
+
+    def on_upgrade(self, rest: bytes) -> None:
+        """Hook for adapters (ASGI WebSockets): the last queued request asks to switch protocols and `rest`
+        are the bytes after its head. Plain HTTP/1.1 here: answer the request, ignore the upgrade, close."""
+        self.stop_parsing = True
+        if self.queue:
+            self.queue[-1] = (*self.queue[-1][:4], False, *self.queue[-1][5:])  # type: ignore[assignment]
 
     def _head_over(self) -> bool:
         """Bound an unfinished head (llhttp buffers a partial header line without calling us)."""

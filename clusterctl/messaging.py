@@ -18,8 +18,10 @@ ops): it runs on every worker start. The sending side takes a directory path, so
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -247,6 +249,7 @@ class Inbox:
             self.sock.close()
             raise
         self.loop: Any = None
+        self.tasks: set[asyncio.Future[Any]] = set()  # running async handlers (strong references)
 
     @classmethod
     def start(cls, loop: Any, instance: str) -> Inbox | None:
@@ -260,11 +263,11 @@ class Inbox:
         except OSError as e:
             log.warning("messaging off: cannot bind %s: %s", Path(directory) / socket_name(instance), e)
             return None
+        inbox.attach(loop)  # nothing is read before the loop runs; async handlers of the saved state need it
         state = load_state(directory)
         if state:
             inbox.api._set_state(state)
             inbox._dispatch(state)  # handlers see the saved state once, as if it were one broadcast
-        inbox.attach(loop)
         return inbox
 
     def attach(self, loop: Any) -> None:
@@ -295,10 +298,23 @@ class Inbox:
     def _dispatch(self, message: dict[str, Any]) -> None:
         for handler in list(self.api._handlers):
             try:
-                handler(message)
+                result = handler(message)
+                if hasattr(result, "__await__"):  # an `async def` handler (ASGI apps): a task on the loop
+                    task = asyncio.ensure_future(result, loop=self.loop)
+                    self.tasks.add(task)
+                    task.add_done_callback(functools.partial(self._task_done, handler))
             except Exception:
-                log.exception("message handler %s raised; the message is dropped for it",
-                              getattr(handler, "__qualname__", handler))
+                self._handler_failed(handler)
+
+    def _task_done(self, handler: Any, task: asyncio.Future[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._handler_failed(handler, task.exception())
+
+    @staticmethod
+    def _handler_failed(handler: Any, exc: BaseException | bool | None = True) -> None:
+        log.error("message handler %s raised; the message is dropped for it", getattr(handler, "__qualname__", handler),
+                  exc_info=exc)
 
     def close(self) -> None:
         if self.loop is not None:

@@ -197,6 +197,8 @@ class InstanceStatus:
     configured: bool
     # Why an instance is not active/running: systemd's Result= and its last journal line ("" when fine).
     why: str = ""
+    # Open WebSockets (ASGI workers report them in STATUS=; None for WSGI workers).
+    websockets: int | None = None
 
 
 @dataclass
@@ -226,6 +228,12 @@ def parse_status_text(text: str) -> tuple[int | None, int | None, int | None]:
     return (grab(r"(\d+) (?:requests|served)", r"requests[=: ](\d+)", r"served[=: ](\d+)"),
             grab(r"(\d+) in[ -]flight", r"in[_ -]?flight[=: ](\d+)"),
             grab(r"(\d+) errors?", r"errors?[=: ](\d+)"))
+
+
+def parse_websockets(text: str) -> int | None:
+    """Open WebSockets from the STATUS= line (`..., websockets 3`), None where the worker reports none."""
+    m = re.search(r"websockets[=: ](\d+)|(\d+) websockets", text)
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 def _int(value: str | None) -> int | None:
@@ -295,7 +303,8 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             uptime_s=round(uptime, 1) if uptime is not None else None, restarts=_int(r.get("NRestarts")) or 0,
             cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
             requests=req, in_flight=fl, errors=err, status_text=text,
-            configured=instance.isdigit() and int(instance) in inst.instances, why=why))
+            configured=instance.isdigit() and int(instance) in inst.instances, why=why,
+            websockets=parse_websockets(text)))
     out.task = _task_status(sd, name)
     return out
 

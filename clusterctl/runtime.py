@@ -146,6 +146,8 @@ class Runtime:
             if cfg.threads:
                 log.warning("--threads %d ignored: ASGI apps run on the event loop", cfg.threads)
             self.server = asgi.AsgiServer(app, self.loop, limits, access_log=self.access)
+            self.server.ws_max_size = cfg.ws_max_size
+            self.server.ws_deflate = cfg.ws_per_message_deflate
             self.lifespan = asgi.Lifespan(app, self.server.state, self.loop)  # type: ignore[arg-type]
         else:
             self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
@@ -230,6 +232,8 @@ class Runtime:
         state = "draining, " if self.draining else ""
         text = (f"{state}requests served {s.served}, in flight {s.in_flight}, errors {s.errors}, "
                 f"connections {len(s.connections)}")
+        if isinstance(s, asgi.AsgiServer):
+            text += f", websockets {s.websockets}"
         if text != self.last_status:
             self.last_status = text
             notify.notify(status=text)

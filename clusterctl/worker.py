@@ -59,7 +59,8 @@ _handlers: list[Callable[[dict[str, Any]], Any]] = []
 def on_message(handler: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
     """Call `handler(message)` for every message this worker gets (broadcast or sent to it), and once on
     start with the saved state when there is one. It runs on the event loop: it must not block (hand slow
-    work to a thread). An exception is logged and never stops the worker. Usable as a decorator."""
+    work to a thread). An `async def` handler (natural in ASGI apps) runs as a task on the loop, so it may
+    await. An exception is logged and never stops the worker. Usable as a decorator."""
     if not callable(handler):
         raise TypeError("on_message needs a callable")
     _handlers.append(handler)
@@ -96,6 +97,8 @@ class WorkerConfig:
     backlog: int = 4096
     loop: str = "uvloop"
     interface: str = "auto"
+    ws_max_size: int = 16 * 1024 * 1024
+    ws_per_message_deflate: bool = True
 
 
 # (flag, dest, type, help). Booleans are --X/--no-X pairs. Defaults come from WorkerConfig.
@@ -122,6 +125,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-requests-jitter", "max_requests_jitter", int, "add 0..N to --max-requests so workers differ"),
     ("--backlog", "backlog", int, "listen backlog re-applied to the socket (match the unit's Backlog=)"),
     ("--loop", "loop", str, "event loop: uvloop (default) or asyncio"),
+    ("--ws-max-size", "ws_max_size", int, "ASGI WebSockets: largest message in bytes (closes with 1009 above)"),
+    ("--ws-per-message-deflate", "ws_per_message_deflate", bool, "ASGI WebSockets: accept permessage-deflate"),
 ]
 
 

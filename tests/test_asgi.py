@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from test_engine import SMALL, Reader
-from test_runtime import SSA, Worker, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
+from test_runtime import SSA, Worker, assert_fails_before_ready, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 
 from clusterctl.asgi import AsgiServer, detect
 from clusterctl.engine import Limits
@@ -448,12 +448,7 @@ def test_failing_startup_exits_nonzero(spawn: Callable[..., Worker], tmp_path: P
     pytest.importorskip("starlette")
     (tmp_path / "sapp.py").write_text(STARLETTE_APP)
     w = spawn("--app", "sapp:app", cwd=tmp_path, env={"FAIL_STARTUP": "1", "SHUTDOWN_MARK": str(tmp_path / "m")})
-    s = connect_when_listening(w.port)
-    assert w.proc.wait(10) != 0
-    s.close()
-    _, err = w.output()
-    assert "database unreachable" in err
-    assert not any("READY=1" in m for m in w.notify.drain(0.2))
+    assert_fails_before_ready(w, "database unreachable")
 
 
 def test_app_without_lifespan_is_served(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811

@@ -128,6 +128,16 @@ def connect_when_listening(port: int, timeout: float = 5.0) -> socket.socket:
             time.sleep(0.02)
 
 
+def assert_fails_before_ready(w: Worker, why: str) -> None:
+    """A worker whose startup fails (e.g. ASGI lifespan): exits non-zero saying `why`, never READY=1."""
+    s = connect_when_listening(w.port)  # systemd-socket-activate execs it on the first connection
+    assert w.proc.wait(10) != 0
+    s.close()
+    _, err = w.output()
+    assert why in err
+    assert not any("READY=1" in m for m in w.notify.drain(0.2))
+
+
 def test_ready_only_after_import_and_serving(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     (tmp_path / "slowapp.py").write_text(
         "import time\ntime.sleep(0.6)\n"

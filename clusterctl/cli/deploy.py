@@ -8,7 +8,7 @@ import click
 
 from clusterctl import deploy as dp
 from clusterctl.cli import cli
-from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table
+from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
 from clusterctl.errors import ClusterctlError
 
 
@@ -58,12 +58,13 @@ def print_fleet_status(inventory: Path, name: str | None, as_json: bool) -> None
     if as_json:
         click.echo(fleet.to_json())
     else:
-        rows = [[str(r["host"]), str(r["release"] or "-"), *instance_cells(r)] for r in fleet.instances()]
-        rows += [[h.host, h.release or "-", "-", "-", h.error, *["-"] * 8] for h in fleet.hosts if h.error]
+        ws = ws_column(fleet.instances())
+        rows = [[str(r["host"]), str(r["release"] or "-"), *instance_cells(r, ws)] for r in fleet.instances()]
+        rows += [[h.host, h.release or "-", "-", "-", h.error, *["-"] * (8 + len(ws))] for h in fleet.hosts if h.error]
         ok = [h for h in fleet.hosts if not h.error]
         click.echo(f"{fleet.name or name or '?'}: {len(ok)}/{len(fleet.hosts)} hosts answered, "
                    f"{len(fleet.instances())} instances")
-        print_table(["host", "release", *INSTANCE_HEAD], rows, state_col=4)
+        print_table(["host", "release", *INSTANCE_HEAD, *ws], rows, state_col=4)
     bad = [h for h in fleet.hosts if h.error]
     if bad:
         raise ClusterctlError("; ".join(f"{h.error if h.error.startswith(h.host) else f'{h.host}: {h.error}'}" for h in bad))

@@ -18,7 +18,7 @@ from clusterctl import ops
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.cli.generate import plan_from_options, plan_options
-from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table
+from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
 from clusterctl.errors import ClusterctlError
 from clusterctl.systemd import Systemd
 
@@ -186,7 +186,9 @@ def restart(name: str, sandbox: str | None, user_manager: bool) -> None:
 def _print_status(st: ops.ClusterStatus) -> None:
     click.echo(f"{st.name}: {st.workers} workers ({st.balance} socket; {st.socket_state}) on "
                f"{', '.join(st.listen)} [{st.where}]")
-    print_table(INSTANCE_HEAD, [instance_cells(asdict(i)) for i in st.instances], state_col=2)
+    rows = [asdict(i) for i in st.instances]
+    ws = ws_column(rows)
+    print_table([*INSTANCE_HEAD, *ws], [instance_cells(r, ws) for r in rows], state_col=2)
     tty = sys.stdout.isatty()
     for i in st.instances:
         if i.why:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import click
@@ -37,12 +37,18 @@ def _opt(value: Any, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def instance_cells(i: Mapping[str, Any]) -> list[str]:
-    """The INSTANCE_HEAD cells of one instance, from `ops.InstanceStatus` as a dict (or its JSON)."""
+def ws_column(instances: Iterable[Mapping[str, Any]]) -> list[str]:
+    """["websockets"] when some instance reports open WebSockets (ASGI workers do), else []: a WSGI cluster's
+    table keeps its columns."""
+    return ["websockets"] if any(i.get("websockets") is not None for i in instances) else []
+
+
+def instance_cells(i: Mapping[str, Any], ws: Sequence[str] = ()) -> list[str]:
+    """The INSTANCE_HEAD cells of one instance (plus `ws_column`'s), from `ops.InstanceStatus` as a dict (or its JSON)."""
     return [f"{i.get('instance')}{'' if i.get('configured', True) else '*'}", str(i.get("pid") or "-"),
             f"{i.get('state')}/{i.get('sub_state')}", fmt_duration(i.get("uptime_s")), str(i.get("restarts", 0)),
             _opt(i.get("cpu_s"), "{:.2f}s"), _opt(i.get("cpu_pct"), "{:.0f}%"), fmt_bytes(i.get("memory_bytes")),
-            _opt(i.get("requests")), _opt(i.get("in_flight")), _opt(i.get("errors"))]
+            _opt(i.get("requests")), _opt(i.get("in_flight")), _opt(i.get("errors"))] + [_opt(i.get("websockets")) for _ in ws]
 
 
 def print_table(head: Sequence[str], rows: Sequence[Sequence[str]], state_col: int) -> None:
