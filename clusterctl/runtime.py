@@ -23,11 +23,11 @@ import os
 import random
 import signal
 import sys
-import time
 import traceback
 from typing import Any
 
 from clusterctl import asgi, messaging, notify
+from clusterctl.accesslog import AccessLog
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
 from clusterctl.worker import WorkerConfig
@@ -83,48 +83,6 @@ def take_sockets(cfg: WorkerConfig) -> list[Any]:
     return socks
 
 
-class AccessLog:
-    """Access log lines to stdout (batched, flushed once per loop turn) or structured journal entries."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, cfg: WorkerConfig, journal: bool) -> None:
-        self.loop = loop
-        self.buf: list[str] = []
-        self.scheduled = False
-        self.instance = cfg.instance
-        self.name = cfg.name
-        self.send = None
-        if journal:
-            from systemd import journal as _journal
-
-            self.send = _journal.send
-
-    def __call__(self, proto: Any, status: int, nbytes: int) -> None:
-        ms = (time.perf_counter() - proto.t0) * 1000.0
-        env = proto.base_env
-        line = f'{env["REMOTE_ADDR"] or "-"} "{proto.req_line}" {status} {nbytes} {ms:.1f}ms'
-        if self.send is not None:
-            method, _, rest = proto.req_line.partition(" ")
-            self.send(line, METHOD=method, PATH=rest.rpartition(" ")[0], STATUS=str(status),
-                      DURATION_MS=f"{ms:.3f}", BYTES=str(nbytes), INSTANCE=self.instance,
-                      CLUSTERCTL_NAME=self.name, SYSLOG_IDENTIFIER=f"{self.name}@{self.instance}")
-            return
-        self.buf.append(line + "\n")
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        self.scheduled = False
-        if self.buf:
-            data = "".join(self.buf)
-            self.buf.clear()
-            try:
-                sys.stdout.write(data)
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
-
-
 class Runtime:
     """One worker process: serves, reports to systemd, drains on signals."""
 
@@ -178,7 +136,7 @@ class Runtime:
             code = loop.run_until_complete(self._main())
         finally:
             if self.access is not None:
-                self.access.flush()
+                self.access.close()
             self.server.close()
             if self.inbox is not None:  # messaging hook
                 self.inbox.close()
@@ -230,6 +188,8 @@ class Runtime:
         state = "draining, " if self.draining else ""
         text = (f"{state}requests served {s.served}, in flight {s.in_flight}, errors {s.errors}, "
                 f"connections {len(s.connections)}")
+        if self.access is not None and self.access.dropped:
+            text += f", access log lines dropped {self.access.dropped}"
         if text != self.last_status:
             self.last_status = text
             notify.notify(status=text)
