@@ -35,6 +35,34 @@ from clusterctl.worker import WorkerConfig
 log = logging.getLogger("clusterctl.worker")
 
 
+WX_FIX = ("the unit sets MemoryDenyWriteExecute=yes (the default), which forbids the writable+executable memory "
+          "this needs (cffi's ABI-mode ffi.callback(), JITs): regenerate the units with `clusterctl generate ... "
+          "--allow-wx`, or use cffi's API mode (@ffi.def_extern()), which needs none")
+
+
+def needs_wx(exc: BaseException | None) -> bool:
+    """Whether an exception (or one it came from) is a refused writable+executable mapping, as cffi words it
+    ("Cannot allocate write+execute memory for ffi.callback()")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "write+execute" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class WxHint(logging.Filter):
+    """Adds WX_FIX to a logged exception that needs W+X memory: an app creating a cffi callback while it
+    serves gets a 500 and this line in the journal, not a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and needs_wx(record.exc_info[1]) and not getattr(record, "wx_hint", False):
+            record.msg = f"{record.msg} (fix: {WX_FIX})"
+            record.wx_hint = True
+        return True
+
+
 def load_app(spec: str) -> WSGIApp:
     """Import MODULE:CALLABLE (CALLABLE defaults to `app`), the current directory first on sys.path."""
     module_name, _, attr = spec.partition(":")
@@ -56,7 +84,7 @@ def load_app(spec: str) -> WSGIApp:
     except Exception as e:
         traceback.print_exc()
         raise ClusterctlError(f"importing {module_name!r} raised {type(e).__name__}: {e}",
-                              "fix the error in the app (traceback above)") from e
+                              WX_FIX if needs_wx(e) else "fix the error in the app (traceback above)") from e
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -245,6 +273,8 @@ def run(cfg: WorkerConfig) -> int:
     """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WxHint())
     if cfg.instance:
         os.environ["CLUSTERCTL_INSTANCE"] = cfg.instance
     os.environ["CLUSTERCTL_NAME"] = cfg.name

@@ -28,7 +28,7 @@ from clusterctl.cli import cli
 from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
 from tests.loadgen import Load, request
-from tests.worker_user import worker_user
+from tests.worker_user import share_app, worker_user
 
 NAME = "faulty"
 PORT = 8400
@@ -53,12 +53,7 @@ def app(environ, start_response):
 
 def install_faultapp(sandbox: sb.Sandbox, share: Path, out: Path, port: int = PORT) -> Systemd:
     """The 2-worker cluster NAME of APP on `port`, installed and started in `sandbox`."""
-    appdir = share / "faultapp"
-    appdir.mkdir(exist_ok=True)
-    (appdir / "faultapp.py").write_text(APP)
-    for p in (share, appdir):
-        p.chmod(0o755)
-    (appdir / "faultapp.py").chmod(0o644)
+    appdir = share_app(share, "faultapp", APP)
     plan = build_plan(app="faultapp:app", name=NAME, workers="2", listen=[f"127.0.0.1:{port}"], working_dir=str(appdir),
                       python=sys.executable, user=worker_user(appdir), memory_max="96M", check=True)
     gen.write(plan, out)
