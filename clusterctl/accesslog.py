@@ -47,6 +47,59 @@ def dropped_notice(n: int, reader: str) -> str:
             "stopped or restarting); requests were served meanwhile")
 
 
+def write_now(fd: int, poller: select.poll, data: bytes) -> int:
+    """Write as much of `data` as `fd` takes without waiting (poll before each chunk of at most CHUNK bytes);
+    returns the bytes written. OSError when the reader is gone (EPIPE, POLLHUP, ...)."""
+    done = 0
+    while done < len(data):
+        try:
+            ready = poller.poll(0)
+        except InterruptedError:
+            break
+        if not any(ev & select.POLLOUT for _fd, ev in ready):
+            if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _fd, ev in ready):
+                raise BrokenPipeError(f"fd {fd}: the reader is gone")
+            break
+        try:
+            done += os.write(fd, data[done:done + CHUNK])
+        except (BlockingIOError, InterruptedError):
+            break
+    return done
+
+
+class LogHandler(logging.Handler):
+    """The worker's own log lines (stderr, which systemd connects to journald) without ever blocking: a record
+    that cannot be written whole at once is dropped (a partial one is ended with a newline when possible), and
+    the count is logged before the next record that gets through."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self.fd = fd
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLOUT)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+        except Exception:
+            self.handleError(record)
+            return
+        with contextlib.suppress(OSError):
+            if self.dropped:
+                notice = f"WARNING clusterctl.worker: dropped {self.dropped} log record(s): nobody read stderr at once\n"
+                if write_now(self.fd, self.poll, notice.encode()) < len(notice):
+                    self.dropped += 1
+                    return
+                self.dropped = 0
+            n = write_now(self.fd, self.poll, data)
+            if n == len(data):
+                return
+            if n:
+                write_now(self.fd, self.poll, b"\n")
+        self.dropped += 1
+
+
 class JournalSink:
     """Datagrams to journald's native socket without ever blocking."""
 
@@ -167,21 +220,13 @@ class AccessLog:
                 self.pending = (dropped_notice(self.unreported, "the log reader") + "\n").encode()
                 self.unreported = 0
             try:
-                ready = self.poll.poll(0)
-            except InterruptedError:
-                return
-            if not any(ev & select.POLLOUT for _fd, ev in ready):
-                if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _fd, ev in ready):
-                    self._lose_pending()
-                return
-            try:
-                n = os.write(self.fd, self.pending[:CHUNK])
-            except (BlockingIOError, InterruptedError):
-                return
+                n = write_now(self.fd, self.poll, self.pending)
             except OSError:  # EPIPE (the reader is gone), EIO, ...: what is pending is lost
                 self._lose_pending()
                 return
             self.pending = self.pending[n:]
+            if self.pending:
+                return
 
     def _lose_pending(self) -> None:
         lines = self.pending.count(b"\n")

@@ -27,7 +27,7 @@ import traceback
 from typing import Any
 
 from clusterctl import asgi, messaging, notify
-from clusterctl.accesslog import AccessLog
+from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
 from clusterctl.worker import WorkerConfig
@@ -271,7 +271,12 @@ class Runtime:
 
 def run(cfg: WorkerConfig) -> int:
     """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # stderr without blocking: a stalled journald must not stop the event loop (see clusterctl.accesslog)
+    try:
+        handler: logging.Handler = LogHandler(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # no real fd (embedded, a test runner's stream)
+        handler = logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=logging.INFO, handlers=[handler],
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(WxHint())

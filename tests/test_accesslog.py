@@ -8,6 +8,7 @@ Each test runs the logging in a thread with a deadline: with a blocking write (p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -175,5 +176,38 @@ def test_threaded_calls_are_flushed_on_the_loop() -> None:
         assert b'"GET /thread HTTP/1.1" 200 5' in reader.recv(4096)
     finally:
         loop.close()
+        reader.close()
+        writer.close()
+
+
+def test_log_handler_never_blocks_and_reports_what_it_dropped() -> None:
+    """The worker's own log records (stderr, the journald stream): an app failing on every request while
+    journald stalls must not stop the loop on tracebacks."""
+    import logging
+
+    from clusterctl.accesslog import LogHandler
+
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    handler = LogHandler(writer.fileno())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("test.accesslog.handler")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        within(10, lambda: [log.error("record %d %s", i, "t" * 1000) for i in range(2000)])
+        assert handler.dropped > 0, "2000 records of 1 KB fit in an unread socket? (raise the count)"
+        reader.setblocking(False)
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := reader.recv(1 << 20):
+                got += chunk
+        dropped = handler.dropped
+        log.error("after")
+        tail = reader.recv(1 << 20).decode().splitlines()
+        assert tail == [f"WARNING clusterctl.worker: dropped {dropped} log record(s): nobody read stderr at once",
+                        "ERROR after"], tail
+        assert got.startswith(b"ERROR record 0 ttt")
+    finally:
+        log.removeHandler(handler)
         reader.close()
         writer.close()

@@ -43,6 +43,8 @@ hog = []
 def app(environ, start_response):
     if environ["PATH_INFO"] == "/hog":  # grows by 16 MiB per request
         hog.append(bytearray(16 << 20))
+    elif environ["PATH_INFO"] == "/boom":  # a 500 and a 100 KB traceback in the journal
+        raise RuntimeError("boom " + "x" * 100_000)
     elif environ["PATH_INFO"] == "/slow":
         import time
         time.sleep(float(environ["QUERY_STRING"] or 1))
@@ -234,13 +236,17 @@ def test_journal_disk_full_workers_serve_and_stay_up(own_box: tuple[sb.Sandbox, 
 def test_journald_stalled_workers_serve_drop_lines_and_say_so(own_box: tuple[sb.Sandbox, Systemd]) -> None:
     """journald not reading at all (stopped here; a stall on slow storage looks the same to a worker): its
     queue fills, and a worker that waited for it would stop serving and be killed by the watchdog. The
-    access log drops the lines instead, counts them in STATUS=, and logs the count once journald reads."""
+    access log drops the lines instead, counts them in STATUS=, and logs the count once journald reads;
+    the worker's own log records (tracebacks of failing requests, on stderr) are dropped the same way."""
     box, sd = own_box
     before = workers(sd)
     in_box(box, "systemctl kill --signal=SIGSTOP systemd-journald")
     try:
         with Load(box.name, PORT, rate=400, threads=8, max_seconds=30) as load:
-            time.sleep(12)  # longer than WatchdogSec=10
+            t0 = time.monotonic()
+            # failing requests meanwhile: 400 tracebacks of 100 KB, more than the stderr stream holds (16 MB)
+            assert [get(box, "/boom")[0] for _ in range(400)] == [500] * 400
+            time.sleep(max(0.0, 12 - (time.monotonic() - t0)))  # longer than WatchdogSec=10
         st = ops.status(sd, NAME, sample=0)
     finally:
         in_box(box, "systemctl kill --signal=SIGCONT systemd-journald")
@@ -251,6 +257,10 @@ def test_journald_stalled_workers_serve_drop_lines_and_say_so(own_box: tuple[sb.
     assert dropped and sum(dropped) > 0, [i.status_text for i in st.instances]
     for _ in range(20):  # a request to each worker after journald is back: the count goes first
         get(box, "/")
+    for _ in range(6):  # and failing ones: the count of dropped log records goes first
+        assert get(box, "/boom")[0] == 500
     in_box(box, "sleep 1; journalctl --sync")
     journal = sd.journalctl("-u", f"{NAME}@*.service", "-o", "cat", "-p", "warning")
     assert re.search(r"access log: dropped \d+ line\(s\): journald did not take them", journal), journal[-2000:]
+    journal = sd.journalctl("-u", f"{NAME}@*.service", "-o", "cat", "--since", "-1min", "-g", "dropped")
+    assert re.search(r"dropped \d+ log record\(s\): nobody read stderr at once", journal), journal[-2000:]
