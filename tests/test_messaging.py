@@ -433,3 +433,16 @@ def test_task_fails_when_its_result_cannot_be_saved(taskmod: Path, small_fs: Pat
     (taskmod / "tasks_big.py").write_text("def big():\n    return {'pad': 'z' * 20000}\n")
     assert task.main(["--name", "web", "--task", "tasks_big:big", "--runtime-dir", str(small_fs)]) == 1
     assert "NOT saved as state (cannot write" in capsys.readouterr().err
+
+
+def test_cli_broadcast_not_saved_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterctl.cli import messaging as cli_messaging
+
+    delivery = messaging.Delivery("broadcast", 7, received=["1", "2"],
+                                  not_saved="cannot write /run/web/state.json: No space left on device")
+    monkeypatch.setattr(cli_messaging, "_sd", lambda sandbox, user: None)
+    monkeypatch.setattr(cli_messaging, "_deliver", lambda sd, name, msg, instance: delivery)
+    r = CliRunner().invoke(cli, ["broadcast", "web", '{"a": 1}'])
+    assert r.exit_code == 2, r.output
+    assert "received by 2/2 instance(s): 1, 2; NOT saved as state (cannot write /run/web/state.json: No space" in r.output
+    assert "df -h /run" in r.output
