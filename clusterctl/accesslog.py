@@ -1,4 +1,5 @@
-"""Access log lines that never hold up serving: to journald's native socket, or to stdout.
+"""Log lines that never hold up serving: the access log (journald's native socket, or stdout) and the
+worker's own log records (stderr, `LogHandler`).
 
 A worker logs one line per request from its event loop. If whatever reads the log stops reading
 (journald stalled, blocked on a slow disk, stopped, or being restarted), a blocking write would stop the
@@ -11,6 +12,9 @@ reading and drops the lines itself ("Failed to write entry ... ignoring").
   native format, with MSG_DONTWAIT (python-systemd's `journal.send` blocks when journald's queue is full).
 * stream (`--no-journal`, or outside systemd): lines batched per loop turn, written to fd 1 only while
   poll() says it is writable, in chunks of at most PIPE_BUF; up to MAX_PENDING bytes wait for the next try.
+* log records (`LogHandler`, installed by the runtime on stderr, which systemd connects to journald's stream
+  socket): written the same way, or dropped and counted; they are rare, except when an app fails on every
+  request while journald stalls.
 """
 
 from __future__ import annotations
