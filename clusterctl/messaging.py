@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -140,17 +141,35 @@ def save_state(dfd: int, update: dict[str, Any]) -> dict[str, Any]:
         tmp = f".{STATE_FILE}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
-            os.write(fd, json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode())
-            os.fchmod(fd, 0o600)
-            st = os.fstat(dfd)
-            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):  # chown is filtered out in the units
-                os.fchown(fd, st.st_uid, st.st_gid)
-        finally:
-            os.close(fd)
-        os.rename(tmp, STATE_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                _write_all(fd, json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode())
+                os.fchmod(fd, 0o600)
+                st = os.fstat(dfd)
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):  # chown is filtered out in the units
+                    os.fchown(fd, st.st_uid, st.st_gid)
+            finally:
+                os.close(fd)
+            os.rename(tmp, STATE_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError:
+            # A full file system (ENOSPC) fails the write: the old state.json stays whole, and no temporary
+            # file is left to take up what little space there is.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
         return state
     finally:
         fcntl.flock(dfd, fcntl.LOCK_UN)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written: a nearly full file system can take part of it and then
+    fail (ENOSPC), which must never be renamed over state.json as a truncated file."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
 
 
 # --- sending ----------------------------------------------------------------------------------------
@@ -163,6 +182,7 @@ class Delivery:
     size: int
     received: list[str] = field(default_factory=list)
     missed: dict[str, str] = field(default_factory=dict)
+    not_saved: str = ""  # a broadcast whose state.json write failed: why (running workers still got it)
 
     def summary(self, name: str) -> str:
         total = len(self.received) + len(self.missed)
@@ -171,6 +191,9 @@ class Delivery:
             text += f": {', '.join(self.received)}"
         if self.missed:
             text += "; not received by " + ", ".join(f"{i} ({why})" for i, why in self.missed.items())
+        if self.not_saved:
+            text += (f"; NOT saved as state ({self.not_saved}): workers that start later will not have it"
+                     " until the next broadcast")
         return text
 
 
@@ -207,13 +230,19 @@ def deliver(directory: str | Path, message: dict[str, Any], *, instance: str | N
     if instance is not None and not INSTANCE_RE.match(instance):
         raise MessageError(f"{instance!r} is not an instance name (e.g. 2)")
     with _dir_fd(directory) as dfd:
+        result_not_saved = ""
         if instance is not None:
             targets = [instance]
         else:
-            save_state(dfd, message)
+            try:
+                save_state(dfd, message)
+            except OSError as e:
+                # e.g. /run full: the workers that run still get the message; only the saved copy is missing
+                result_not_saved = f"cannot write {Path(directory) / STATE_FILE}: {e.strerror or e}"
+                log.warning("broadcast not saved as state: %s", result_not_saved)
             found = {m.group(1) for n in os.listdir(dfd) if (m := SOCKET_RE.match(n))}
             targets = sorted(found | set(expected), key=_order)
-        result = Delivery(kind, len(data))
+        result = Delivery(kind, len(data), not_saved=result_not_saved)
         datagram = _envelope(kind, data)
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.settimeout(SEND_TIMEOUT)

@@ -23,16 +23,44 @@ import os
 import random
 import signal
 import sys
-import time
 import traceback
 from typing import Any
 
 from clusterctl import asgi, messaging, notify
+from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
 from clusterctl.worker import WorkerConfig
 
 log = logging.getLogger("clusterctl.worker")
+
+
+WX_FIX = ("the unit sets MemoryDenyWriteExecute=yes (the default), which forbids the writable+executable memory "
+          "this needs (cffi's ABI-mode ffi.callback(), JITs): regenerate the units with `clusterctl generate ... "
+          "--allow-wx`, or use cffi's API mode (@ffi.def_extern()), which needs none")
+
+
+def needs_wx(exc: BaseException | None) -> bool:
+    """Whether an exception (or one it came from) is a refused writable+executable mapping, as cffi words it
+    ("Cannot allocate write+execute memory for ffi.callback()")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "write+execute" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class WxHint(logging.Filter):
+    """Adds WX_FIX to a logged exception that needs W+X memory: an app creating a cffi callback while it
+    serves gets a 500 and this line in the journal, not a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and needs_wx(record.exc_info[1]) and not getattr(record, "wx_hint", False):
+            record.msg = f"{record.msg} (fix: {WX_FIX})"
+            record.wx_hint = True
+        return True
 
 
 def load_app(spec: str) -> WSGIApp:
@@ -56,7 +84,7 @@ def load_app(spec: str) -> WSGIApp:
     except Exception as e:
         traceback.print_exc()
         raise ClusterctlError(f"importing {module_name!r} raised {type(e).__name__}: {e}",
-                              "fix the error in the app (traceback above)") from e
+                              WX_FIX if needs_wx(e) else "fix the error in the app (traceback above)") from e
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -81,48 +109,6 @@ def take_sockets(cfg: WorkerConfig) -> list[Any]:
         raise ClusterctlError("no listening sockets: systemd passed none (LISTEN_FDS unset) and no --bind",
                               notify.NO_SOCKETS_FIX)
     return socks
-
-
-class AccessLog:
-    """Access log lines to stdout (batched, flushed once per loop turn) or structured journal entries."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, cfg: WorkerConfig, journal: bool) -> None:
-        self.loop = loop
-        self.buf: list[str] = []
-        self.scheduled = False
-        self.instance = cfg.instance
-        self.name = cfg.name
-        self.send = None
-        if journal:
-            from systemd import journal as _journal
-
-            self.send = _journal.send
-
-    def __call__(self, proto: Any, status: int, nbytes: int) -> None:
-        ms = (time.perf_counter() - proto.t0) * 1000.0
-        env = proto.base_env
-        line = f'{env["REMOTE_ADDR"] or "-"} "{proto.req_line}" {status} {nbytes} {ms:.1f}ms'
-        if self.send is not None:
-            method, _, rest = proto.req_line.partition(" ")
-            self.send(line, METHOD=method, PATH=rest.rpartition(" ")[0], STATUS=str(status),
-                      DURATION_MS=f"{ms:.3f}", BYTES=str(nbytes), INSTANCE=self.instance,
-                      CLUSTERCTL_NAME=self.name, SYSLOG_IDENTIFIER=f"{self.name}@{self.instance}")
-            return
-        self.buf.append(line + "\n")
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        self.scheduled = False
-        if self.buf:
-            data = "".join(self.buf)
-            self.buf.clear()
-            try:
-                sys.stdout.write(data)
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
 
 
 class Runtime:
@@ -180,7 +166,7 @@ class Runtime:
             code = loop.run_until_complete(self._main())
         finally:
             if self.access is not None:
-                self.access.flush()
+                self.access.close()
             self.server.close()
             if self.inbox is not None:  # messaging hook
                 self.inbox.close()
@@ -234,6 +220,8 @@ class Runtime:
                 f"connections {len(s.connections)}")
         if isinstance(s, asgi.AsgiServer):
             text += f", websockets {s.websockets}"
+        if self.access is not None and self.access.dropped:
+            text += f", access log lines dropped {self.access.dropped}"
         if text != self.last_status:
             self.last_status = text
             notify.notify(status=text)
@@ -287,8 +275,15 @@ class Runtime:
 
 def run(cfg: WorkerConfig) -> int:
     """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # stderr without blocking: a stalled journald must not stop the event loop (see clusterctl.accesslog)
+    try:
+        handler: logging.Handler = LogHandler(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # no real fd (embedded, a test runner's stream)
+        handler = logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=logging.INFO, handlers=[handler],
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WxHint())
     if cfg.instance:
         os.environ["CLUSTERCTL_INSTANCE"] = cfg.instance
     os.environ["CLUSTERCTL_NAME"] = cfg.name

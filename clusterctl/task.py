@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"clusterctl task: error: cannot broadcast through {directory}: {e}", file=sys.stderr, flush=True)
         return 1
+    if delivery.not_saved:  # the running workers got it; fail the run so the journal and status say so
+        print(f"clusterctl task: error: {delivery.summary(args.name)}", file=sys.stderr, flush=True)
+        return 1
     print(delivery.summary(args.name), flush=True)
     return 0
 

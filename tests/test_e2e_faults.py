@@ -3,15 +3,20 @@ memory limit, and SIGKILL in the middle of a drain.
 
 Instance 2 of a 2-worker cluster gets a drop-in (`Environment=FAULT=...`) that makes the app misbehave,
 which is how a bad config or a missing secret on one instance looks in practice; instance 1 is healthy.
+
+The journal's faults (its file system full; journald stalled) each get a sandbox of their own, since they
+break logging for everything in it.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -22,8 +27,8 @@ from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
-from tests.loadgen import request
-from tests.worker_user import worker_user
+from tests.loadgen import Load, request
+from tests.worker_user import share_app, worker_user
 
 NAME = "faulty"
 PORT = 8400
@@ -38,6 +43,8 @@ hog = []
 def app(environ, start_response):
     if environ["PATH_INFO"] == "/hog":  # grows by 16 MiB per request
         hog.append(bytearray(16 << 20))
+    elif environ["PATH_INFO"] == "/boom":  # a 500 and a 100 KB traceback in the journal
+        raise RuntimeError("boom " + "x" * 100_000)
     elif environ["PATH_INFO"] == "/slow":
         import time
         time.sleep(float(environ["QUERY_STRING"] or 1))
@@ -46,20 +53,20 @@ def app(environ, start_response):
 '''
 
 
-@pytest.fixture(scope="module")
-def faulty(sandbox: sb.Sandbox, sandbox_share: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Systemd]:
-    appdir = sandbox_share / "faultapp"
-    appdir.mkdir(exist_ok=True)
-    (appdir / "faultapp.py").write_text(APP)
-    for p in (sandbox_share, appdir):
-        p.chmod(0o755)
-    (appdir / "faultapp.py").chmod(0o644)
-    plan = build_plan(app="faultapp:app", name=NAME, workers="2", listen=[f"127.0.0.1:{PORT}"], working_dir=str(appdir),
+def install_faultapp(sandbox: sb.Sandbox, share: Path, out: Path, port: int = PORT) -> Systemd:
+    """The 2-worker cluster NAME of APP on `port`, installed and started in `sandbox`."""
+    appdir = share_app(share, "faultapp", APP)
+    plan = build_plan(app="faultapp:app", name=NAME, workers="2", listen=[f"127.0.0.1:{port}"], working_dir=str(appdir),
                       python=sys.executable, user=worker_user(appdir), memory_max="96M", check=True)
-    out = tmp_path_factory.mktemp("faulty") / NAME
     gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)
     ops.install(sd, out, start=True, progress=lambda m: None)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def faulty(sandbox: sb.Sandbox, sandbox_share: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Systemd]:
+    sd = install_faultapp(sandbox, sandbox_share, tmp_path_factory.mktemp("faulty") / NAME)
     yield sd
     set_fault(sd, None)
     ops.uninstall(sd, NAME, progress=lambda m: None)
@@ -169,3 +176,91 @@ def test_sigkill_during_drain_loses_nothing_already_answered(sandbox: sb.Sandbox
     finally:
         faulty.systemctl("start", f"{NAME}@1.service", f"{NAME}@2.service", timeout=60)
     assert get(sandbox)[0] == 200
+
+
+# --- the journal: its file system full, journald stalled ----------------------------------------------------
+
+@pytest.fixture
+def own_box(sandbox_factory: Any, sandbox_share: Path, tmp_path: Path, request: pytest.FixtureRequest,
+            ) -> Iterator[tuple[sb.Sandbox, Systemd]]:
+    """A sandbox of its own (the test breaks its journal) running the 2-worker cluster, access logs on."""
+    from tests.conftest import _default_binds
+
+    box = sandbox_factory(request.node.name.removeprefix("test_")[:20].replace("_", "-"),
+                          [*_default_binds(), sb.Bind(str(sandbox_share), str(sandbox_share))])
+    try:
+        yield box, install_faultapp(box, sandbox_share, tmp_path / NAME)
+    finally:
+        sb.down(box.name, missing_ok=True)
+
+
+def workers(sd: Systemd) -> list[dict[str, str]]:
+    return [show(sd, i, "MainPID", "NRestarts", "ActiveState", "SubState") for i in (1, 2)]
+
+
+def in_box(box: sb.Sandbox, script: str) -> str:
+    return box.exec(["/bin/sh", "-ec", script]).stdout
+
+
+def test_journal_disk_full_workers_serve_and_stay_up(own_box: tuple[sb.Sandbox, Systemd]) -> None:
+    """journald's file system full while it runs: journald drops what it cannot store and keeps reading, so
+    the workers (access log on) serve every request, never restart, and `clusterctl status` answers."""
+    box, sd = own_box
+    # The sandbox's journal is volatile (/run/log/journal). Put it on a 16 MiB tmpfs (journald restarts
+    # and opens its file there; worker streams survive in journald's fd store), fill the rest, then log
+    # until journald's file is full too and it can neither grow nor rotate: the disk is full for it.
+    in_box(box, "mount -t tmpfs -o size=16m,mode=755 jfull /run/log/journal; systemctl restart systemd-journald;"
+                " dd if=/dev/zero of=/run/log/journal/filler bs=4k 2>/dev/null || true")
+    in_box(box, "head -c 12000000 /dev/zero | tr '\\0' x | fold -w 200 | systemd-cat -t flood; sleep 0.5;"
+                " echo marker-after-full | systemd-cat -t marker; sleep 0.5")
+    assert "marker-after-full" not in sd.journalctl("-t", "marker", "-o", "cat"), "the journal is not full"
+    assert int(in_box(box, "df --output=avail -k /run/log/journal | tail -1").strip()) < 256
+    before = workers(sd)
+    assert all(w["ActiveState"] == "active" for w in before), before
+    with Load(box.name, PORT, rate=400, threads=8, max_seconds=30) as load:
+        time.sleep(5)
+    r = load.result
+    assert r.total > 1000 and r.errors == [], (r.total, r.errors[:5])
+    assert workers(sd) == before  # same processes, no restart, still active
+    assert in_box(box, "systemctl is-active systemd-journald").strip() == "active"
+    result = CliRunner().invoke(cli, ["status", NAME, "--sandbox", box.name])
+    assert result.exit_code == 0, result.output
+    assert "instance 1 is" not in result.output and "instance 2 is" not in result.output, result.output
+    assert [(i.state, i.sub_state) for i in ops.status(sd, NAME, sample=0).instances] == [("active", "running")] * 2
+    in_box(box, "rm -f /run/log/journal/filler")  # room again: journald stores new entries
+    get(box, "/")
+    in_box(box, "sleep 1; journalctl --sync")
+    assert '"GET / HTTP/1.1" 200' in sd.journalctl("-u", f"{NAME}@*.service", "-o", "cat", "-n", "5")
+
+
+def test_journald_stalled_workers_serve_drop_lines_and_say_so(own_box: tuple[sb.Sandbox, Systemd]) -> None:
+    """journald not reading at all (stopped here; a stall on slow storage looks the same to a worker): its
+    queue fills, and a worker that waited for it would stop serving and be killed by the watchdog. The
+    access log drops the lines instead, counts them in STATUS=, and logs the count once journald reads;
+    the worker's own log records (tracebacks of failing requests, on stderr) are dropped the same way."""
+    box, sd = own_box
+    before = workers(sd)
+    in_box(box, "systemctl kill --signal=SIGSTOP systemd-journald")
+    try:
+        with Load(box.name, PORT, rate=400, threads=8, max_seconds=30) as load:
+            t0 = time.monotonic()
+            # failing requests meanwhile: 400 tracebacks of 100 KB, more than the stderr stream holds (16 MB)
+            assert [get(box, "/boom")[0] for _ in range(400)] == [500] * 400
+            time.sleep(max(0.0, 12 - (time.monotonic() - t0)))  # longer than WatchdogSec=10
+        st = ops.status(sd, NAME, sample=0)
+    finally:
+        in_box(box, "systemctl kill --signal=SIGCONT systemd-journald")
+    r = load.result
+    assert r.total > 1500 and r.errors == [], (r.total, r.errors[:5])
+    assert workers(sd) == before  # no watchdog kill, no restart
+    dropped = [int(m.group(1)) for i in st.instances if (m := re.search(r"access log lines dropped (\d+)", i.status_text))]
+    assert dropped and sum(dropped) > 0, [i.status_text for i in st.instances]
+    for _ in range(20):  # a request to each worker after journald is back: the count goes first
+        get(box, "/")
+    for _ in range(6):  # and failing ones: the count of dropped log records goes first
+        assert get(box, "/boom")[0] == 500
+    in_box(box, "sleep 1; journalctl --sync")
+    journal = sd.journalctl("-u", f"{NAME}@*.service", "-o", "cat", "-p", "warning")
+    assert re.search(r"access log: dropped \d+ line\(s\): journald did not take them", journal), journal[-2000:]
+    journal = sd.journalctl("-u", f"{NAME}@*.service", "-o", "cat", "--since", "-1min", "-g", "dropped")
+    assert re.search(r"dropped \d+ log record\(s\): nobody read stderr at once", journal), journal[-2000:]

@@ -6,17 +6,20 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from clusterctl import generate as gen
 from clusterctl import ops
 from clusterctl import sandbox as sb
+from clusterctl.cli import cli
 from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
 from tests.loadgen import request
-from tests.worker_user import worker_user
+from tests.worker_user import share_app, worker_user
 
 REPO = Path(__file__).resolve().parent.parent
 EXPOSURE_BOUND = 2.0
@@ -79,3 +82,76 @@ def test_default_units_exposure_at_most_2(sandbox: sb.Sandbox, tmp_path: Path) -
     finally:
         sd.path("/etc/systemd/system/gunicorn-sample.service").unlink(missing_ok=True)
         ops.uninstall(sd, "score", progress=lambda m: None)
+
+
+# --- MemoryDenyWriteExecute=yes and foreign-function callbacks ----------------------------------------------
+
+WX_PORT = 8310
+CALLBACK_APP = '''
+import ctypes
+import os
+
+CB = os.environ.get("CB", "ctypes")  # the unit sets it; generate's import check runs without it
+if CB == "cffi":  # ABI mode: the callback's trampoline is written at run time (W+X memory)
+    import cffi
+
+    ffi = cffi.FFI()
+    double = ffi.callback("int(int)", lambda x: x * 2)
+else:  # ctypes: libffi's closures (static trampolines in Debian 12's libffi 3.4) need no W+X memory
+    double = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x * 2)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%s %d\\n" % (CB.encode(), double(21))]
+'''
+
+
+def install_callback_app(sandbox: sb.Sandbox, share: Path, out: Path, cb: str, *, allow_wx: bool) -> Systemd:
+    appdir = share_app(share, "cbapp", CALLBACK_APP)
+    plan = build_plan(app="cbapp:app", name="wx", workers="1", listen=[f"127.0.0.1:{WX_PORT}"], working_dir=str(appdir),
+                      python=sys.executable, user=worker_user(appdir), env=[f"CB={cb}"], allow_wx=allow_wx, check=True)
+    gen.write(plan, out, force=True)
+    sd = Systemd(sandbox=sandbox.name)
+    ops.install(sd, out, progress=lambda m: None)
+    sd.systemctl("restart", "wx@1.service", check=False, timeout=60)
+    return sd
+
+
+@pytest.fixture
+def wx_cluster(sandbox: sb.Sandbox) -> Iterator[None]:
+    yield
+    sd = Systemd(sandbox=sandbox.name)
+    if sd.path("/etc/systemd/system/wx.target").exists():
+        ops.uninstall(sd, "wx", progress=lambda m: None)
+
+
+def test_cffi_callback_needs_allow_wx_and_status_says_so(sandbox: sb.Sandbox, sandbox_share: Path, tmp_path: Path,
+                                                         wx_cluster: None) -> None:
+    """cffi's ABI-mode ffi.callback() (cffi 2.x here) mmaps writable+executable memory: under the default
+    MemoryDenyWriteExecute=yes the import fails, and the journal and `clusterctl status` name --allow-wx."""
+    pytest.importorskip("cffi")
+    sd = install_callback_app(sandbox, sandbox_share, tmp_path / "wx", "cffi", allow_wx=False)
+    assert sd.show(["wx@1.service"], ("MemoryDenyWriteExecute",))[0]["MemoryDenyWriteExecute"] == "yes"
+    assert sd.show(["wx@1.service"], ("ActiveState",))[0]["ActiveState"] != "active"
+    journal = sd.journalctl("-u", "wx@1.service", "-o", "cat")
+    assert "Cannot allocate write+execute memory for ffi.callback()" in journal, journal[-2000:]
+    assert "--allow-wx" in journal
+    result = CliRunner().invoke(cli, ["status", "wx", "--sandbox", sandbox.name])
+    line = next((ln for ln in result.output.splitlines() if ln.startswith("instance 1 is ")), "")
+    assert "write+execute" in line and "--allow-wx" in line, result.output
+
+    sd = install_callback_app(sandbox, sandbox_share, tmp_path / "wx", "cffi", allow_wx=True)
+    assert sd.show(["wx@1.service"], ("MemoryDenyWriteExecute", "ActiveState")) == [
+        {"MemoryDenyWriteExecute": "no", "ActiveState": "active"}]
+    with sb.netns(sandbox.name):
+        assert request(WX_PORT, "/") == (200, b"cffi 42\n")
+
+
+def test_ctypes_callback_runs_under_the_default_units(sandbox: sb.Sandbox, sandbox_share: Path, tmp_path: Path,
+                                                      wx_cluster: None) -> None:
+    sd = install_callback_app(sandbox, sandbox_share, tmp_path / "wx", "ctypes", allow_wx=False)
+    assert sd.show(["wx@1.service"], ("MemoryDenyWriteExecute", "ActiveState")) == [
+        {"MemoryDenyWriteExecute": "yes", "ActiveState": "active"}]
+    with sb.netns(sandbox.name):
+        assert request(WX_PORT, "/") == (200, b"ctypes 42\n")

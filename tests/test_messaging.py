@@ -4,11 +4,13 @@ socket and event loop, the periodic task, and `generate --every/--task` (rendere
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -352,3 +354,95 @@ def test_api_is_there_before_the_runtime() -> None:
     assert isinstance(worker.instance, str) and len(worker.state) == 0
     with pytest.raises(TypeError):
         worker.on_message(42)  # type: ignore[arg-type]
+
+
+# --- a full file system (/run full): the saved state, never the workers --------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (root only; mounted on the host, unmounted in teardown), as /run is when it is full."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "small", str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def fill(directory: Path) -> None:
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    assert shutil.disk_usage(directory).free == 0
+
+
+def test_state_on_a_full_fs_fails_cleanly_and_keeps_the_old_state(small_fs: Path) -> None:
+    fd = os.open(small_fs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        messaging.save_state(fd, {"a": 1})
+        fill(small_fs)
+        with pytest.raises(OSError) as e:
+            messaging.save_state(fd, {"big": "y" * 20000})  # more than any partial write can take
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert messaging.load_state(small_fs) == {"a": 1}  # whole, not a truncated new one
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler", "state.json"]  # no temporary file left
+
+
+def test_state_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nearly full file system takes part of a write; the rest must follow, or the write must fail."""
+    real = os.write
+    monkeypatch.setattr(messaging.os, "write", lambda fd, data: real(fd, bytes(data[:7])))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        messaging.save_state(fd, {"key": "value" * 100})
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert messaging.load_state(tmp_path) == {"key": "value" * 100}
+
+
+def test_broadcast_on_a_full_fs_reaches_running_workers_and_says_it_was_not_saved(
+        small_fs: Path, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture) -> None:
+    inbox = messaging.Inbox(small_fs, "1")  # the worker binds its socket while there is room
+    inbox.attach(loop)
+    try:
+        assert messaging.deliver(small_fs, {"v": 1}).not_saved == ""
+        fill(small_fs)
+        with caplog.at_level(logging.WARNING, "clusterctl.messaging"):
+            delivery = messaging.deliver(small_fs, {"v": 2, "pad": "z" * 20000})
+        pump(loop)
+        assert worker.state["v"] == 2  # the running worker got it
+        assert delivery.received == ["1"] and "No space left on device" in delivery.not_saved
+        assert "NOT saved as state" in delivery.summary("web") and "broadcast not saved as state" in caplog.text
+        assert messaging.load_state(small_fs) == {"v": 1}  # a worker starting later loads the last saved state
+    finally:
+        inbox.close()
+
+
+def test_task_fails_when_its_result_cannot_be_saved(taskmod: Path, small_fs: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    fill(small_fs)
+    (taskmod / "tasks_big.py").write_text("def big():\n    return {'pad': 'z' * 20000}\n")
+    assert task.main(["--name", "web", "--task", "tasks_big:big", "--runtime-dir", str(small_fs)]) == 1
+    assert "NOT saved as state (cannot write" in capsys.readouterr().err
+
+
+def test_cli_broadcast_not_saved_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterctl.cli import messaging as cli_messaging
+
+    delivery = messaging.Delivery("broadcast", 7, received=["1", "2"],
+                                  not_saved="cannot write /run/web/state.json: No space left on device")
+    monkeypatch.setattr(cli_messaging, "_sd", lambda sandbox, user: None)
+    monkeypatch.setattr(cli_messaging, "_deliver", lambda sd, name, msg, instance: delivery)
+    r = CliRunner().invoke(cli, ["broadcast", "web", '{"a": 1}'])
+    assert r.exit_code == 2, r.output
+    assert "received by 2/2 instance(s): 1, 2; NOT saved as state (cannot write /run/web/state.json: No space" in r.output
+    assert "df -h /run" in r.output

@@ -320,3 +320,50 @@ def test_clusterctl_run_serves_with_bind() -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+
+# --- MemoryDenyWriteExecute: an app that needs W+X memory is told about --allow-wx --------------------------
+
+CFFI_REFUSED = "Cannot allocate write+execute memory for ffi.callback(). You might be running on a system that prevents this."
+
+
+def test_import_needing_wx_memory_names_allow_wx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterctl import runtime
+    from clusterctl.errors import ClusterctlError
+
+    (tmp_path / "wxapp.py").write_text(f"raise MemoryError({CFFI_REFUSED!r})\n")
+    (tmp_path / "otherapp.py").write_text("raise MemoryError('out of memory')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ClusterctlError) as e:
+        runtime.load_app("wxapp:app")
+    assert "MemoryError: Cannot allocate write+execute" in e.value.message
+    assert e.value.fix and "--allow-wx" in e.value.fix and "MemoryDenyWriteExecute=yes" in e.value.fix
+    with pytest.raises(ClusterctlError) as e:
+        runtime.load_app("otherapp:app")
+    assert e.value.fix and "--allow-wx" not in e.value.fix
+
+
+def test_logged_errors_needing_wx_memory_name_allow_wx(caplog: pytest.LogCaptureFixture) -> None:
+    """A callback made while serving: the engine logs the app's exception; the hint is added to that line."""
+    import logging
+
+    from clusterctl import runtime
+
+    hint = runtime.WxHint()
+    caplog.handler.addFilter(hint)
+    try:
+        log = logging.getLogger("clusterctl.engine")
+        for exc in (MemoryError(CFFI_REFUSED), ValueError("other")):
+            try:
+                try:
+                    raise exc
+                except MemoryError as inner:
+                    raise RuntimeError("wrapped") from inner
+            except Exception:
+                log.exception("error in WSGI app handling %s", "GET / HTTP/1.1")
+    finally:
+        caplog.handler.removeFilter(hint)
+    first, second = caplog.records
+    assert "--allow-wx" in first.getMessage() and first.getMessage().startswith("error in WSGI app handling GET /")
+    assert "--allow-wx" not in second.getMessage()

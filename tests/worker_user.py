@@ -27,3 +27,14 @@ def user_args(*paths: str | Path) -> list[str]:
     """The same, as `clusterctl generate` arguments."""
     user = worker_user(*paths)
     return ["--user", user] if user else []
+
+
+def share_app(share: Path, module: str, source: str) -> Path:
+    """Write MODULE.py into its own directory of a sandbox share, readable by a dynamic user; the directory."""
+    appdir = share / module
+    appdir.mkdir(exist_ok=True)
+    (appdir / f"{module}.py").write_text(source)
+    for p in (share, appdir):
+        p.chmod(0o755)
+    (appdir / f"{module}.py").chmod(0o644)
+    return appdir

@@ -36,7 +36,7 @@ _PLAN_OPTIONS = [
     click.option("--protect-home", type=click.Choice(["no", "read-only", "tmpfs", "yes"]), default=None,
                  help="ProtectHome= (default: yes, or read-only when the app or python lives under /home or /root)."),
     click.option("--allow-wx", is_flag=True,
-                 help="Drop MemoryDenyWriteExecute= for libraries that need W+X memory (cffi/ctypes callbacks, JITs)."),
+                 help="Drop MemoryDenyWriteExecute= for libraries that need W+X memory (cffi ABI-mode ffi.callback(), JITs)."),
     click.option("--backlog", type=int, default=BACKLOG, show_default=True, help="Listen queue length (Backlog=)."),
     click.option("--drain-timeout", type=int, default=DRAIN_TIMEOUT, show_default=True,
                  help="Seconds a stopping worker may finish in-flight requests."),

@@ -47,6 +47,9 @@ def broadcast(name: str, message: str, sandbox: str | None, user_manager: bool) 
     """
     msg = _message(message)
     delivery = _deliver(_sd(sandbox, user_manager), ops.check_name(name), msg, None)
+    if delivery.not_saved:
+        raise ClusterctlError(delivery.summary(name), "free space where the runtime directory lives (df -h /run), "
+                              "then broadcast again")
     click.echo(delivery.summary(name) + ("; saved as state for workers that start later" if delivery.missed else ""))
 
 
