@@ -83,8 +83,19 @@ def take_sockets(cfg: WorkerConfig) -> list[Any]:
     return socks
 
 
+def _code_location(frame: Any, offset: int) -> tuple[str, str, str]:
+    """CODE_FILE=, CODE_LINE= (`offset` lines below the one running in `frame`) and CODE_FUNC= fields."""
+    code = frame.f_code
+    return f"CODE_FILE={code.co_filename}", f"CODE_LINE={frame.f_lineno + offset}", f"CODE_FUNC={code.co_name}"
+
+
 class AccessLog:
-    """Access log lines to stdout (batched, flushed once per loop turn) or structured journal entries."""
+    """Access log lines to stdout (batched, flushed once per loop turn) or structured journal entries.
+
+    Journal entries go through systemd-python's C `sendv`, not `systemd.journal.send`: the latter's module
+    imports datetime, uuid, traceback and the journal reader (about 1 MB resident per worker), and `send`
+    walks the stack for CODE_FILE/CODE_LINE/CODE_FUNC on every call. We send the same fields, with the
+    code location computed once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cfg: WorkerConfig, journal: bool) -> None:
         self.loop = loop
@@ -93,10 +104,14 @@ class AccessLog:
         self.instance = cfg.instance
         self.name = cfg.name
         self.send = None
+        self.fields: tuple[str, ...] = ()
+        self.code: tuple[str, ...] = ()
         if journal:
-            from systemd import journal as _journal
+            from systemd._journal import sendv
 
-            self.send = _journal.send
+            self.send = sendv
+            self.fields = (f"INSTANCE={cfg.instance}", f"CLUSTERCTL_NAME={cfg.name}",
+                           f"SYSLOG_IDENTIFIER={cfg.name}@{cfg.instance}")
 
     def __call__(self, proto: Any, status: int, nbytes: int) -> None:
         ms = (time.perf_counter() - proto.t0) * 1000.0
@@ -104,9 +119,10 @@ class AccessLog:
         line = f'{env["REMOTE_ADDR"] or "-"} "{proto.req_line}" {status} {nbytes} {ms:.1f}ms'
         if self.send is not None:
             method, _, rest = proto.req_line.partition(" ")
-            self.send(line, METHOD=method, PATH=rest.rpartition(" ")[0], STATUS=str(status),
-                      DURATION_MS=f"{ms:.3f}", BYTES=str(nbytes), INSTANCE=self.instance,
-                      CLUSTERCTL_NAME=self.name, SYSLOG_IDENTIFIER=f"{self.name}@{self.instance}")
+            if not self.code:  # once, what journal.send's stack walk found on every call: the next line
+                self.code = _code_location(sys._getframe(), 1)
+            self.send("MESSAGE=" + line, *self.code, f"METHOD={method}", "PATH=" + rest.rpartition(" ")[0],
+                      f"STATUS={status}", f"DURATION_MS={ms:.3f}", f"BYTES={nbytes}", *self.fields)
             return
         self.buf.append(line + "\n")
         if not self.scheduled:
