@@ -35,7 +35,6 @@ from clusterctl.engine import (
     _target,
 )
 from clusterctl.errors import ClusterctlError
-from clusterctl.websocket import MAX_SIZE, WebSocket, is_websocket
 
 log = logging.getLogger("clusterctl.asgi")
 
@@ -118,7 +117,7 @@ class AsgiServer(Server):
         super().__init__(*args, **kw)
         self.state: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.ws_max_size = MAX_SIZE   # --ws-max-size: larger messages close with 1009
+        self.ws_max_size = WS_MAX_SIZE  # --ws-max-size: larger messages close with 1009
         self.ws_deflate = True        # offer permessage-deflate (--ws-per-message-deflate)
         self.websockets = 0           # open WebSockets (STATUS=)
 
@@ -127,6 +126,7 @@ class AsgiServer(Server):
 
 
 BODY_HIGH_WATER = 65536
+WS_MAX_SIZE = 16 * 1024 * 1024  # --ws-max-size default, as uvicorn's
 _MORE, _COMPLETE, _GIVEN, _BROKEN = 0, 1, 2, 3  # _Body.state
 
 
@@ -203,7 +203,7 @@ class AsgiProtocol(HttpProtocol):
         self.code = 0
         self.t0 = 0.0
         self.req_line = ""
-        self.ws: WebSocket | None = None  # set at a websocket upgrade: every later byte is the WebSocket's
+        self.ws: Any = None  # websocket.WebSocket after an upgrade: every later byte is its
 
     def setup(self, transport: Any) -> None:
         sockname = transport.get_extra_info("sockname")
@@ -223,6 +223,8 @@ class AsgiProtocol(HttpProtocol):
         super().data_received(data)
 
     def on_upgrade(self, rest: bytes) -> None:
+        from clusterctl.websocket import WebSocket, is_websocket  # here: wsproto is resident only once used
+
         if not (self.queue and is_websocket(self.queue[-1])):
             super().on_upgrade(rest)  # other upgrades (h2c ...): a plain HTTP answer
             return

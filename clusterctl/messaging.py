@@ -12,7 +12,8 @@ a worker binds its socket first, then loads state.json. Whatever the interleavin
 the new value in the file or gets the datagram, so one that starts or restarts later is never stale.
 
 Both sides live here. The worker side (`Inbox`) must stay cheap to import (stdlib only, no click, no
-ops): it runs on every worker start. The sending side takes a directory path, so the CLI can pass a
+ops, and neither pathlib nor json at import time: every worker imports this module, and json is only
+needed once a message or a saved state arrives). The sending side takes a directory path, so the CLI can pass a
 `Systemd.path()` (a sandbox's /run through /proc/PID/root) and the task unit its own RUNTIME_DIRECTORY.
 """
 
@@ -23,15 +24,16 @@ import contextlib
 import errno
 import fcntl
 import functools
-import json
 import logging
 import os
 import re
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = logging.getLogger("clusterctl.messaging")
 
@@ -60,6 +62,8 @@ def encode(message: Any) -> bytes:
     if not isinstance(message, dict):
         raise MessageError(f"a message must be a JSON object ({{...}}), not a {type(message).__name__}"
                            " (e.g. {\"usersCount\": 42})")
+    import json
+
     try:
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
@@ -75,6 +79,8 @@ def parse(text: str | bytes) -> dict[str, Any]:
     raw = text.encode() if isinstance(text, str) else text
     if len(raw) > 4 * MAX_MESSAGE:  # do not even parse something this large
         raise MessageError(f"the message is {len(raw)} bytes, more than the limit of {MAX_MESSAGE}")
+    import json
+
     try:
         value = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -91,6 +97,8 @@ def decode(datagram: bytes) -> tuple[str, dict[str, Any]]:
     """A received datagram -> (kind, message); ValueError for anything malformed."""
     if len(datagram) > MAX_MESSAGE + _ENVELOPE:
         raise ValueError(f"datagram of {len(datagram)}+ bytes is over the limit")
+    import json
+
     env = json.loads(datagram)
     if not isinstance(env, dict) or env.get("kind") not in ("broadcast", "send") or not isinstance(env.get("data"), dict):
         raise ValueError("not a clusterctl message (want {\"kind\": \"broadcast\"|\"send\", \"data\": {...}})")
@@ -113,13 +121,17 @@ def _dir_fd(directory: str | Path) -> Iterator[int]:
 
 def load_state(directory: str | Path) -> dict[str, Any]:
     """The saved state, or {} when there is none yet; a broken file is logged and ignored."""
+    path = os.path.join(directory, STATE_FILE)
     try:
-        with open(Path(directory) / STATE_FILE, "rb") as f:
-            value = json.loads(f.read())
+        with open(path, "rb") as f:
+            data = f.read()
+        import json
+
+        value = json.loads(data)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        log.warning("ignoring %s: %s", Path(directory) / STATE_FILE, e)
+        log.warning("ignoring %s: %s", path, e)
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -130,6 +142,8 @@ def save_state(dfd: int, update: dict[str, Any]) -> dict[str, Any]:
     Written to a temporary file, then renamed over the old one: readers see the old or the new file,
     never half of one. The lock (flock on the directory) keeps two broadcasters from losing an update.
     When root writes it (the CLI), the file is given to the directory's owner, the service user."""
+    import json
+
     fcntl.flock(dfd, fcntl.LOCK_EX)
     try:
         try:
@@ -238,7 +252,7 @@ def deliver(directory: str | Path, message: dict[str, Any], *, instance: str | N
                 save_state(dfd, message)
             except OSError as e:
                 # e.g. /run full: the workers that run still get the message; only the saved copy is missing
-                result_not_saved = f"cannot write {Path(directory) / STATE_FILE}: {e.strerror or e}"
+                result_not_saved = f"cannot write {os.path.join(directory, STATE_FILE)}: {e.strerror or e}"
                 log.warning("broadcast not saved as state: %s", result_not_saved)
             found = {m.group(1) for n in os.listdir(dfd) if (m := SOCKET_RE.match(n))}
             targets = sorted(found | set(expected), key=_order)
@@ -265,13 +279,13 @@ class Inbox:
         import clusterctl.worker as api  # the module the app imported (not __main__ under python -m)
 
         self.api = api
-        self.directory = Path(directory)
-        self.path = self.directory / socket_name(instance)
+        self.directory = os.fspath(directory)
+        self.path = os.path.join(self.directory, socket_name(instance))
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # left by this instance's previous process (RuntimeDirectoryPreserve=yes)
-            self.sock.bind(str(self.path))
+                os.unlink(self.path)  # left by this instance's previous process (RuntimeDirectoryPreserve=yes)
+            self.sock.bind(self.path)
             os.chmod(self.path, 0o600)
             self.ino = os.stat(self.path).st_ino
         except OSError:
@@ -290,7 +304,7 @@ class Inbox:
         try:
             inbox = cls(directory, instance)
         except OSError as e:
-            log.warning("messaging off: cannot bind %s: %s", Path(directory) / socket_name(instance), e)
+            log.warning("messaging off: cannot bind %s: %s", os.path.join(directory, socket_name(instance)), e)
             return None
         inbox.attach(loop)  # nothing is read before the loop runs; async handlers of the saved state need it
         state = load_state(directory)
@@ -352,7 +366,7 @@ class Inbox:
         self.sock.close()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self.ino:  # ours, not a successor's
-                self.path.unlink()
+                os.unlink(self.path)
 
 
 def runtime_dir(name: str, *, user: bool = False) -> str:
@@ -367,6 +381,7 @@ def remove_runtime_dir(path: Path) -> None:
     """Remove a cluster's runtime directory (uninstall). With DynamicUser= systemd makes /run/NAME a symlink
     to /run/private/NAME: both go. (`systemctl clean --what=runtime` would need D-Bus.)"""
     import shutil
+    from pathlib import Path
 
     if path.is_symlink():
         # Never resolve() here: under a sandbox's /proc/PID/root that would land on the host's /run.

@@ -20,7 +20,6 @@ import asyncio
 import importlib
 import logging
 import os
-import random
 import signal
 import sys
 import traceback
@@ -138,6 +137,8 @@ class Runtime:
         else:
             self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
         if cfg.max_requests > 0:
+            import random  # only with --max-requests: not resident in every worker
+
             self.server.recycle_at = cfg.max_requests + random.randint(0, max(0, cfg.max_requests_jitter))
             self.server.on_recycle = self.recycle
         self.done: asyncio.Future[int] = self.loop.create_future()

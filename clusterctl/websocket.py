@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clusterctl.websocket")
 
-MAX_SIZE = 16 * 1024 * 1024  # --ws-max-size default, as uvicorn's
 QUEUE_MESSAGES = 16          # unread messages before reading pauses
 QUEUE_BYTES = 1 << 20        # unread bytes before reading pauses
 DEFLATE_SLICE = 4096         # deflate inflates at most ~1032:1: a slice yields at most ~4 MiB

@@ -3,13 +3,22 @@
 Apps may import `instance` (the systemd instance name, `%i`) and `name` to tell workers apart, read
 `state` (the merged broadcasts, see clusterctl.messaging) and register `on_message` handlers; all of it
 works when the app imports this module before the runtime starts. This module stays cheap to import
-(argparse and os only): the worker starts on every restart, and `clusterctl run` shares its option table
-through `OPTIONS`.
+(os only): the worker starts on every restart, and `clusterctl run` shares its option table through
+`OPTIONS`. The command line the generated units pass is parsed without argparse (whose import and first
+use add about 0.8 MB resident to every worker); anything else falls back to argparse.
 """
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":
+    # `python -m clusterctl.worker` (ExecStart=): run the copy of this module that apps import as
+    # `clusterctl.worker`, instead of defining everything twice (once as __main__, once on import).
+    import sys
+
+    from clusterctl.worker import main
+
+    sys.exit(main())
+
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -131,6 +140,58 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:
+    args = sys.argv[1:] if argv is None else argv
+    fast = _parse_plain(args)
+    cfg = WorkerConfig(**fast) if fast is not None else _parse_argparse(args)
+    if not cfg.instance:
+        cfg.instance = os.environ.get("CLUSTERCTL_INSTANCE", "")
+    return cfg
+
+
+def _parse_plain(argv: list[str]) -> dict[str, Any] | None:
+    """The plain case without argparse: every option by its full name (`--flag VALUE`, `--flag=VALUE`,
+    `--X`/`--no-X`), values that do not start with "-" and convert, --app given. None for anything else
+    (help, abbreviations, negative numbers, errors), which argparse then handles exactly as it always did;
+    for what this accepts, argparse gives the same values (tests/test_footprint.py checks both)."""
+    table: dict[str, tuple[str, Any, bool]] = {}
+    for flag, dest, typ, _ in OPTIONS:
+        table[flag] = (dest, typ, True)
+        if typ is bool:
+            table["--no-" + flag[2:]] = (dest, typ, False)
+    values: dict[str, Any] = {"bind": []}
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        i += 1
+        spec = table.get(name)
+        if spec is None:
+            return None
+        dest, typ, on = spec
+        if typ is bool:
+            if eq:
+                return None
+            values[dest] = on
+            continue
+        if not eq:
+            if i == len(argv):
+                return None
+            value = argv[i]
+            i += 1
+        if not value or value.startswith("-"):
+            return None
+        if typ is list:
+            values[dest].append(value)
+            continue
+        try:
+            values[dest] = typ(value)
+        except ValueError:
+            return None
+    return values if "app" in values else None
+
+
+def _parse_argparse(argv: list[str]) -> WorkerConfig:
+    import argparse
+
     defaults = WorkerConfig(app="")
     parser = argparse.ArgumentParser(prog="python -m clusterctl.worker",
                                      description="Serve a WSGI or ASGI app on the sockets systemd passes.")
@@ -144,11 +205,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         else:
             parser.add_argument(flag, dest=dest, type=typ, default=default, required=dest == "app",
                                 help=text + (f" (default {default})" if dest != "app" else ""))
-    ns = parser.parse_args(argv)
-    cfg = WorkerConfig(**vars(ns))
-    if not cfg.instance:
-        cfg.instance = os.environ.get("CLUSTERCTL_INSTANCE", "")
-    return cfg
+    return WorkerConfig(**vars(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +219,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clusterctl worker: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
 from clusterctl import websocket
-from clusterctl.asgi import AsgiServer
+from clusterctl.asgi import WS_MAX_SIZE, AsgiServer
 from clusterctl.engine import Limits
 from tests.engine_thread import EngineThread
 
@@ -75,7 +75,7 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 class WsEngine(EngineThread):
-    def __init__(self, app: Any, max_size: int = websocket.MAX_SIZE, deflate: bool = True) -> None:
+    def __init__(self, app: Any, max_size: int = WS_MAX_SIZE, deflate: bool = True) -> None:
         def make(loop: asyncio.AbstractEventLoop) -> AsgiServer:
             server = AsgiServer(app, loop, Limits())
             server.ws_max_size = max_size
