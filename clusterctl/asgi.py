@@ -130,6 +130,12 @@ WS_MAX_SIZE = 16 * 1024 * 1024  # --ws-max-size default, as uvicorn's
 _MORE, _COMPLETE, _GIVEN, _BROKEN = 0, 1, 2, 3  # _Body.state
 
 
+def settle(fut: asyncio.Future[None] | None) -> None:
+    """Wake a coroutine parked on `fut` (the caller has already forgotten it); a cancelled one stays as it is."""
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
 class _Body:
     """The streamed body of the request being handled: what was read and not yet received by the app."""
 
@@ -142,11 +148,8 @@ class _Body:
         self.waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
-        fut = self.waiter
-        if fut is not None:
-            self.waiter = None
-            if not fut.done():
-                fut.set_result(None)
+        fut, self.waiter = self.waiter, None
+        settle(fut)
 
 
 def _response_head(status: Any, headers: Any) -> tuple[int, bytes, int | None, bool, bool]:
@@ -442,11 +445,8 @@ class AsgiProtocol(HttpProtocol):
             self._end(False)  # half a response is on the wire: only closing tells the client
 
     def _wake(self) -> None:
-        fut = self.drained
-        if fut is not None:
-            self.drained = None
-            if not fut.done():
-                fut.set_result(None)
+        fut, self.drained = self.drained, None
+        settle(fut)
 
     def on_writable(self) -> None:
         if self.busy:

@@ -440,22 +440,16 @@ class HttpProtocol(asyncio.Protocol):
                     keep and not server.draining)
 
     def on_body(self, body: bytes) -> None:
-        if self.streaming:
-            self.body_len += len(body)
-            if self.body_len > self.limits.max_body_size:
-                raise _Reject(413, "body larger than --max-body-size")
-            self.since = self.server.clock
-            self.stream_chunk(body)
-            return
-        if self.body is None:
-            self.body = [body]
-            self.body_len = len(body)
-        else:
-            self.body.append(body)
-            self.body_len += len(body)
+        self.body_len += len(body)  # reset per message in on_message_begin
         if self.body_len > self.limits.max_body_size:
             raise _Reject(413, "body larger than --max-body-size")
         self.since = self.server.clock
+        if self.streaming:
+            self.stream_chunk(body)
+        elif self.body is None:
+            self.body = [body]
+        else:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
         # No clock update here: a queued request is never timed out, and finish() restarts the idle clock.

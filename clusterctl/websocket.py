@@ -39,6 +39,7 @@ from wsproto.events import Request as WsRequest
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
+from clusterctl.asgi import settle
 from clusterctl.engine import _TARGETS, Request, _canned, _target
 
 if TYPE_CHECKING:
@@ -340,11 +341,8 @@ class WebSocket:
     def _deliver(self, msg: dict[str, Any], n: int) -> None:
         self.inbox.append((msg, n))
         self.inbox_bytes += n
-        fut = self.waiter
-        if fut is not None:
-            self.waiter = None
-            if not fut.done():
-                fut.set_result(None)
+        fut, self.waiter = self.waiter, None
+        settle(fut)
 
     def _disconnect(self, code: int, reason: str) -> None:
         if not self.told:
