@@ -45,6 +45,7 @@ SCENARIOS: dict[str, tuple[bytes, int]] = {
     "post": (POST, 1),
     "pipelined16": (WRK * 16, 16),
 }
+SCENARIOS.update({f"asgi-{k}": v for k, v in list(SCENARIOS.items())})
 
 
 class FakeTransport:
@@ -86,11 +87,15 @@ class FakeTransport:
         return 0
 
 
-def make(access_log: bool) -> tuple[Any, Any, FakeTransport, Any]:
+def make(access_log: bool, asgi: bool = False) -> tuple[Any, Any, FakeTransport, Any]:
     import uvloop
 
-    from clusterctl.engine import Server
-    from examples.hello import app
+    if asgi:
+        from bench.apps.asgi_hello import app
+        from clusterctl.asgi import AsgiServer as Server
+    else:
+        from clusterctl.engine import Server
+        from examples.hello import app
 
     loop = uvloop.new_event_loop()
     access = None
@@ -107,17 +112,33 @@ def make(access_log: bool) -> tuple[Any, Any, FakeTransport, Any]:
 
 
 def drive(scenario: str, n: int, access_log: bool) -> float:
-    """Feed about `n` requests through one connection; returns seconds per request."""
+    """Feed about `n` requests through one connection; returns seconds per request.
+
+    `asgi-*` scenarios serve bench/apps/asgi_hello.py: each read is followed by one turn of the loop (the
+    app runs in its own task, as in the server), so the loop's own cost per turn is counted too."""
+    asgi = scenario.startswith("asgi-")
     data, per = SCENARIOS[scenario]
-    server, proto, transport, access = make(access_log)
+    server, proto, transport, access = make(access_log, asgi)
     feed = proto.data_received
     reads = max(1, n // per)
     flush = access.flush if access is not None else None
     t0 = time.process_time()
-    for i in range(reads):
-        feed(data)
-        if flush is not None and i & 63 == 63:
-            flush()  # what the loop's call_soon would do about once per turn
+    if asgi:
+        import asyncio
+
+        async def turns() -> None:
+            for i in range(reads):
+                feed(data)
+                for _ in range(per):
+                    await asyncio.sleep(0)
+                if flush is not None and i & 63 == 63:
+                    flush()
+        server.loop.run_until_complete(turns())
+    else:
+        for i in range(reads):
+            feed(data)
+            if flush is not None and i & 63 == 63:
+                flush()  # what the loop's call_soon would do about once per turn
     dt = time.process_time() - t0
     if flush is not None:
         flush()
@@ -143,7 +164,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    ap.add_argument("--scenarios", nargs="*", default=[s for s in SCENARIOS if not s.startswith("asgi-")],
+                    help=f"of {', '.join(SCENARIOS)} (asgi-*: the ASGI hello app)")
     ap.add_argument("--access-log", action="store_true", help="also measure with the stdout access log on")
     ap.add_argument("--instructions", action="store_true", help="count instructions/request with callgrind")
     ap.add_argument("--profile", metavar="SCENARIO")

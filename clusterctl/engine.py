@@ -847,48 +847,67 @@ def _head_kind(name: str) -> int:
 
 
 class _Head:
-    """A validated response head for one (status, headers), compiled once and reused.
+    """A validated response head for one (status, headers), compiled once and reused by both adapters.
 
-    `plain` marks the common shape (a body allowed, no app Content-Length/Connection/Date): for it the
-    whole head for a body of n bytes, Date included, is kept per n until the Date line changes.
+    `plain` marks the common shape (a body allowed, no Connection or Date from the app): for it the whole
+    head for a body of n bytes, Date and Content-Length included, is kept per n until the Date line changes.
     """
 
     __slots__ = ("app_cl", "app_close", "code", "date", "full", "has_date", "headers", "plain", "prefix")
 
-    def __init__(self, status: str, headers: list[tuple[str, str]]) -> None:
-        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
-            raise ValueError(f"invalid WSGI status {status!r}")
-        if "\n" in status or "\r" in status:
-            raise ValueError("status contains a line break")
-        code = int(status[:3])
-        out = ["HTTP/1.1 ", status, "\r\n"]
-        app_cl: int | None = None
-        app_close = has_date = False
-        for name, value in headers:
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"response header {name!r}: {value!r} must be str")
-            kind = _head_kind(name)
-            if "\n" in value or "\r" in value or "\x00" in value:
-                raise ValueError(f"response header {name!r} contains a line break")
-            if kind == _K_CL:
-                app_cl = int(value)
-            elif kind == _K_CONN:
-                app_close = "close" in value.lower()
-                continue
-            elif kind == _K_DROP:
-                continue
-            elif kind == _K_DATE:
-                has_date = True
-            out += (name, ": ", value, "\r\n")
-        self.headers = list(headers)
-        self.prefix = "".join(out).encode("latin-1")
+    def __init__(self, code: int, prefix: bytes, app_cl: int | None, app_close: bool, has_date: bool,
+                 headers: Any) -> None:
+        self.headers = headers  # what the app gave, to recognise the same head next time
+        self.prefix = prefix    # status line and the app's headers, minus hop-by-hop ones
         self.code = code
         self.app_cl = app_cl
         self.app_close = app_close
         self.has_date = has_date
-        self.plain = code >= 200 and code not in _NO_BODY_CODES and app_cl is None and not app_close and not has_date
+        self.plain = code >= 200 and code not in _NO_BODY_CODES and not app_close and not has_date
         self.date = b""
         self.full: dict[int, bytes] = {}
+
+    def compose(self, n: int) -> bytes | None:
+        """The whole head of an n-byte body under the current Date line (`self.date`), cached per n;
+        None when the app's own Content-Length is not n (the general path truncates or closes)."""
+        app_cl = self.app_cl
+        if app_cl is None:
+            full = self.prefix + self.date + b"content-length: %d\r\n\r\n" % n
+        elif app_cl == n:
+            full = self.prefix + self.date + b"\r\n"
+        else:
+            return None
+        if len(self.full) < 256:
+            self.full[n] = full
+        return full
+
+
+def _wsgi_head(status: str, headers: list[tuple[str, str]]) -> _Head:
+    """Validate and compile a WSGI status and header list (PEP 3333: native strings)."""
+    if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+        raise ValueError(f"invalid WSGI status {status!r}")
+    if "\n" in status or "\r" in status:
+        raise ValueError("status contains a line break")
+    out = ["HTTP/1.1 ", status, "\r\n"]
+    app_cl: int | None = None
+    app_close = has_date = False
+    for name, value in headers:
+        if type(name) is not str or type(value) is not str:
+            raise TypeError(f"response header {name!r}: {value!r} must be str")
+        kind = _head_kind(name)
+        if "\n" in value or "\r" in value or "\x00" in value:
+            raise ValueError(f"response header {name!r} contains a line break")
+        if kind == _K_CL:
+            app_cl = int(value)
+        elif kind == _K_CONN:
+            app_close = "close" in value.lower()
+            continue
+        elif kind == _K_DROP:
+            continue
+        elif kind == _K_DATE:
+            has_date = True
+        out += (name, ": ", value, "\r\n")
+    return _Head(int(status[:3]), "".join(out).encode("latin-1"), app_cl, app_close, has_date, list(headers))
 
 
 class WsgiProtocol(HttpProtocol):
@@ -1017,19 +1036,16 @@ class WsgiProtocol(HttpProtocol):
                     h.date = date
                     h.full = {}
                 n = len(body)
-                full = h.full.get(n)
-                if full is None:
-                    full = h.prefix + date + b"content-length: %d\r\n\r\n" % n
-                    if len(h.full) < 256:
-                        h.full[n] = full
-                if not self.closed:
-                    self.transport.write(full + body)
-                self.code = h.code
-                self.resp_bytes = n
-                if server.access_log is not None:
-                    server.access_log(self, h.code, n)
-                self.finish(True)
-                return
+                full = h.full.get(n) or h.compose(n)
+                if full is not None:
+                    if not self.closed:
+                        self.transport.write(full + body)
+                    self.code = h.code
+                    self.resp_bytes = n
+                    if server.access_log is not None:
+                        server.access_log(self, h.code, n)
+                    self.finish(True)
+                    return
         self._respond(result)
 
     def _run_threaded(self, env: dict[str, Any]) -> None:
@@ -1168,7 +1184,7 @@ class WsgiProtocol(HttpProtocol):
         cache = server.head_cache
         h = cache.get(key)
         if h is None:
-            h = _Head(status, headers)
+            h = _wsgi_head(status, headers)
             if len(cache) > 512:
                 cache.clear()
                 server.heads.clear()
