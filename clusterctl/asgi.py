@@ -29,6 +29,7 @@ from clusterctl.engine import (
     _TARGETS,
     _TOKEN,
     HttpProtocol,
+    Limits,
     Request,
     Server,
     _canned,
@@ -120,13 +121,26 @@ class AsgiServer(Server):
         self.ws_max_size = WS_MAX_SIZE  # --ws-max-size: larger messages close with 1009
         self.ws_deflate = True        # offer permessage-deflate (--ws-per-message-deflate)
         self.websockets = 0           # open WebSockets (STATUS=)
+        self.ws_ping_interval = 0.0   # keepalive pings, see ws_keepalive()
+        self.ws_ping_timeout = 0.0
+        self.http_tick = self.tick_interval  # the sweep interval the HTTP timeouts need
+        self.ws_keepalive(WS_PING, WS_PING)
 
     def protocol(self) -> HttpProtocol:
         return AsgiProtocol(self)
 
+    def ws_keepalive(self, interval: float, timeout: float) -> None:
+        """--ws-ping-interval/--ws-ping-timeout (0: no pings). The engine's sweep sends the pings and closes the
+        WebSockets that stopped answering (no timer per connection), so it must run often enough for them."""
+        self.ws_ping_interval, self.ws_ping_timeout = interval, timeout
+        self.tick_interval = self.http_tick
+        if interval > 0:
+            self.tick_interval = max(0.02, min(self.http_tick, interval / 4, timeout / 4))
+
 
 BODY_HIGH_WATER = 65536
 WS_MAX_SIZE = 16 * 1024 * 1024  # --ws-max-size default, as uvicorn's
+WS_PING = 20.0                  # --ws-ping-interval and --ws-ping-timeout defaults, as uvicorn's
 _MORE, _COMPLETE, _GIVEN, _BROKEN = 0, 1, 2, 3  # _Body.state
 
 
@@ -234,6 +248,11 @@ class AsgiProtocol(HttpProtocol):
         self.stop_parsing = True
         self.ws = WebSocket(self, self.queue[-1])
         self.ws.feed(rest)
+
+    def check_timeout(self, now: float, lim: Limits) -> None:
+        if self.ws is not None:
+            self.ws.tick(now)  # keepalive pings: the sweep's hook for WebSockets
+        super().check_timeout(now, lim)
 
     def drain(self) -> None:
         if self.ws is not None and self.ws.started:

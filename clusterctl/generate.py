@@ -59,7 +59,7 @@ def worker_argv(plan: Plan) -> list[str]:
             "--instance", "%i", "--drain-timeout", str(plan.drain_timeout), "--backlog", str(plan.backlog)]
     if plan.interface != "auto":  # auto is the worker's default: units stay as they were
         argv += ["--interface", plan.interface]
-    return argv
+    return argv + plan.ws_args  # likewise: only the WebSocket settings that differ from the defaults
 
 
 def task_argv(plan: Plan) -> list[str]:
@@ -90,7 +90,7 @@ def generate_command(plan: Plan) -> str:
             argv += [option, value]
     if plan.task:
         argv += ["--every", str(plan.every), "--task", plan.task]
-    return shlex.join(argv)
+    return shlex.join(argv + plan.ws_args)
 
 
 def render(plan: Plan) -> dict[str, str]:

@@ -19,6 +19,7 @@ from typing import Literal
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError
 from clusterctl.proc import run
+from clusterctl.worker import WorkerConfig, ws_problem
 
 Balance = Literal["shared", "reuseport"]
 ProtectHome = Literal["no", "read-only", "tmpfs", "yes"]
@@ -39,6 +40,12 @@ DEFAULT_PORT = 8000
 DRAIN_TIMEOUT = 25
 WATCHDOG_SEC = 10
 BACKLOG = 4096
+# ASGI WebSocket settings: the worker's own defaults, so a unit names only the ones that differ.
+_WORKER = WorkerConfig(app="")
+WS_MAX_SIZE: int = _WORKER.ws_max_size
+WS_DEFLATE: bool = _WORKER.ws_per_message_deflate
+WS_PING_INTERVAL: float = _WORKER.ws_ping_interval
+WS_PING_TIMEOUT: float = _WORKER.ws_ping_timeout
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,11 @@ class Plan:
     watchdog_sec: int = WATCHDOG_SEC
     # The app's interface for the worker's --interface: auto (detected at start), wsgi or asgi.
     interface: str = "auto"
+    # ASGI WebSockets (the worker's --ws-* flags; ExecStart= carries those that differ from these defaults).
+    ws_max_size: int = WS_MAX_SIZE
+    ws_per_message_deflate: bool = WS_DEFLATE
+    ws_ping_interval: float = WS_PING_INTERVAL
+    ws_ping_timeout: float = WS_PING_TIMEOUT
     # The periodic primary task (NAME-task.timer + NAME-task.service): MODULE:FUNC and its interval.
     task: str | None = None
     every: str | None = None
@@ -112,6 +124,20 @@ class Plan:
         """User= of the units. With a dynamic user it is named after the cluster, so every instance and the
         task share ONE uid and with it the runtime directory (a nameless DynamicUser= gives each its own)."""
         return self.user or (dynamic_user_name(self.name) if self.harden else None)
+
+    @property
+    def ws_args(self) -> list[str]:
+        """The worker's --ws-* flags for the settings that differ from its defaults (ExecStart=, the header)."""
+        out: list[str] = []
+        if self.ws_max_size != WS_MAX_SIZE:
+            out += ["--ws-max-size", str(self.ws_max_size)]
+        if self.ws_per_message_deflate != WS_DEFLATE:
+            out.append("--ws-per-message-deflate" if self.ws_per_message_deflate else "--no-ws-per-message-deflate")
+        for flag, value, default in (("--ws-ping-interval", self.ws_ping_interval, WS_PING_INTERVAL),
+                                     ("--ws-ping-timeout", self.ws_ping_timeout, WS_PING_TIMEOUT)):
+            if value != default:
+                out += [flag, str(int(value)) if value.is_integer() else repr(value)]
+        return out
 
     @property
     def stop_timeout(self) -> int:
@@ -488,6 +514,10 @@ def build_plan(
     drain_timeout: int = DRAIN_TIMEOUT,
     watchdog_sec: int = WATCHDOG_SEC,
     interface: str = "auto",
+    ws_max_size: int = WS_MAX_SIZE,
+    ws_per_message_deflate: bool = WS_DEFLATE,
+    ws_ping_interval: float = WS_PING_INTERVAL,
+    ws_ping_timeout: float = WS_PING_TIMEOUT,
     every: str | None = None,
     task: str | None = None,
     check: bool = True,
@@ -510,6 +540,9 @@ def build_plan(
         raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
     if interface not in ("auto", "wsgi", "asgi"):
         raise ClusterctlError(f"--interface {interface!r} is not auto, wsgi or asgi", "leave it at auto to detect it")
+    bad = ws_problem(ws_max_size, ws_ping_interval, ws_ping_timeout)
+    if bad:
+        raise ClusterctlError(*bad)
     task, every = parse_task(task, every)
     py = resolve_python(python)
     wd = resolve_working_dir(working_dir)
@@ -527,6 +560,9 @@ def build_plan(
                     "user (the default without --user) will fail to start: install the app and its venv under a "
                     "world-readable path (e.g. /opt or /srv), or pass --user with an account that can read it "
                     "(--user root gives up that isolation)")
+    ws = (ws_max_size, ws_per_message_deflate, ws_ping_interval, ws_ping_timeout)
+    if interface == "wsgi" and ws != (WS_MAX_SIZE, WS_DEFLATE, WS_PING_INTERVAL, WS_PING_TIMEOUT):
+        warnings.append("the --ws-* options apply to ASGI apps only: with --interface wsgi the workers ignore them")
     plan = Plan(
         name=name, app=app, workers=n, listen=addresses, balance=balance,  # type: ignore[arg-type]
         python=py, working_dir=wd, user=parse_user(user), env=parse_env(env),
@@ -534,7 +570,8 @@ def build_plan(
         cpu_quota=parse_percent(cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(tasks_max),
         harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
         backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, task=task, every=every,
-        interface=interface, cpu_budget=budget,
+        interface=interface, ws_max_size=ws_max_size, ws_per_message_deflate=ws_per_message_deflate,
+        ws_ping_interval=float(ws_ping_interval), ws_ping_timeout=float(ws_ping_timeout), cpu_budget=budget,
         warnings=tuple(warnings),
     )
     if check:

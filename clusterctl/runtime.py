@@ -133,6 +133,7 @@ class Runtime:
             self.server = asgi.AsgiServer(app, self.loop, limits, access_log=self.access)
             self.server.ws_max_size = cfg.ws_max_size
             self.server.ws_deflate = cfg.ws_per_message_deflate
+            self.server.ws_keepalive(cfg.ws_ping_interval, cfg.ws_ping_timeout)
             self.lifespan = asgi.Lifespan(app, self.server.state, self.loop)  # type: ignore[arg-type]
         else:
             self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
@@ -292,6 +293,9 @@ def run(cfg: WorkerConfig) -> int:
 
     worker_api.instance = cfg.instance
     worker_api.name = cfg.name
+    bad = worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
+    if bad:
+        raise ClusterctlError(*bad)
     socks = take_sockets(cfg)
     try:
         interface, app = asgi.detect(load_app(cfg.app), cfg.app, cfg.interface)

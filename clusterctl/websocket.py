@@ -11,7 +11,11 @@ frames this module adds what a server needs:
 * backpressure both ways: reading pauses while the app has more than a few messages (or 1 MiB) unread, and
   `websocket.send` waits while the transport's write buffer is above its high-water mark;
 * drain: `going_away()` closes with 1001 and the app hears `websocket.disconnect` with 1001; a client that
-  never answers the close is cut after CLOSE_TIMEOUT, or by the runtime's drain deadline.
+  never answers the close is cut after CLOSE_TIMEOUT, or by the runtime's drain deadline;
+* keepalive (`--ws-ping-interval`, `--ws-ping-timeout`): a ping every interval; a peer from which nothing at all
+  (pong or data) came back within the timeout is gone or stuck, so the app hears 1011 and the connection is
+  closed without waiting for a close handshake it would not answer. Driven by the engine's once-a-second
+  sweep (`tick`), like the HTTP timeouts: no timer per connection, no clock read per frame.
 
 An open WebSocket is not a request in flight: its upgrade request counts as served once the app accepted,
 and `server.websockets` counts the open ones (STATUS=, `clusterctl status`).
@@ -71,9 +75,9 @@ def is_websocket(req: Request) -> bool:
 class WebSocket:
     """One WebSocket connection: wsproto on the HTTP layer's transport, ASGI `receive`/`send` for the app."""
 
-    __slots__ = ("accepted", "conn", "connect_sent", "deflate", "done_msg", "inbox", "inbox_bytes", "loop",
-                 "max_size", "part_len", "parts", "paused", "proto", "req", "rx", "server", "slice", "started",
-                 "state", "timer", "told", "waiter")
+    __slots__ = ("accepted", "conn", "connect_sent", "deflate", "done_msg", "heard", "inbox", "inbox_bytes", "loop",
+                 "max_size", "part_len", "parts", "paused", "ping_due", "pong_by", "proto", "req", "rx", "server",
+                 "slice", "started", "state", "timer", "told", "waiter")
 
     def __init__(self, proto: AsgiProtocol, req: Request) -> None:
         self.proto = proto
@@ -98,11 +102,15 @@ class WebSocket:
         self.told = False               # websocket.disconnect queued for the app
         self.done_msg: dict[str, Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.heard = False              # bytes arrived since the last ping (any bytes prove the peer alive)
+        self.ping_due = 0.0             # loop time of the next keepalive ping
+        self.pong_by = 0.0              # loop time by which an unanswered ping must be answered; 0: none out
 
     # -- from the HTTP layer ----------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
+        self.heard = True
         self.rx += data
         if self.state == CONNECTING:
             self._flow()  # a client may not send frames before our 101: bound what it sends anyway
@@ -147,6 +155,26 @@ class WebSocket:
         """The worker drains: close with 1001 (one still connecting is closed as soon as the app accepts it)."""
         if self.state == OPEN:
             self._close(1001, "server shutting down")
+
+    def tick(self, now: float) -> None:
+        """The engine's sweep: send the keepalive ping when due, and give up on a peer that left one unanswered
+        for --ws-ping-timeout. While we do not read (the app is behind) the peer cannot be heard: not its fault."""
+        if self.state != OPEN:
+            return
+        server = self.server
+        if server.ws_ping_interval <= 0:
+            return
+        if self.heard or self.paused:
+            self.heard = False
+            self.pong_by = 0.0
+        elif self.pong_by and now >= self.pong_by:
+            self._expire()
+            return
+        if now >= self.ping_due:
+            self._write(self.conn.send(Ping()))
+            self.ping_due = now + server.ws_ping_interval
+            if not self.pong_by:  # a later ping does not extend the deadline of one still unanswered
+                self.pong_by = now + server.ws_ping_timeout
 
     def lost(self) -> None:
         """The transport is gone: the app hears 1006 unless a close code was already exchanged. A handshake
@@ -242,6 +270,7 @@ class WebSocket:
         server.websockets += 1
         if server.access_log is not None:
             server.access_log(proto, 101, 0)
+        self.ping_due = self.loop.time() + server.ws_ping_interval
         if any(e.enabled() for e in extensions):
             self.slice = DEFLATE_SLICE
         if server.draining:
@@ -318,6 +347,20 @@ class WebSocket:
         self.state = CLOSING
         self._disconnect(code, reason)
         self.timer = self.loop.call_later(CLOSE_TIMEOUT, self.proto.abort)
+
+    def _expire(self) -> None:
+        """No answer to our ping: 1011 for the app and (best effort) the peer, then hang up at once: a peer that
+        does not answer pings will not answer a close. Abort when even the close frame cannot be written (the
+        peer stopped reading and our write buffer is full)."""
+        reason = "keepalive ping timeout"
+        if self.proto.write_paused:
+            self.state = CLOSED
+            self._disconnect(1011, reason)
+            self.proto.abort()
+            return
+        self._write(self.conn.send(CloseConnection(code=1011, reason=reason)))
+        self._disconnect(1011, reason)
+        self._shut()
 
     def _shut(self) -> None:
         self.state = CLOSED

@@ -108,6 +108,8 @@ class WorkerConfig:
     interface: str = "auto"
     ws_max_size: int = 16 * 1024 * 1024
     ws_per_message_deflate: bool = True
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
 
 
 # (flag, dest, type, help). Booleans are --X/--no-X pairs. Defaults come from WorkerConfig.
@@ -136,7 +138,28 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--loop", "loop", str, "event loop: uvloop (default) or asyncio"),
     ("--ws-max-size", "ws_max_size", int, "ASGI WebSockets: largest message in bytes (closes with 1009 above)"),
     ("--ws-per-message-deflate", "ws_per_message_deflate", bool, "ASGI WebSockets: accept permessage-deflate"),
+    ("--ws-ping-interval", "ws_ping_interval", float, "ASGI WebSockets: send a keepalive ping every S seconds "
+                                                      "(0: no pings)"),
+    ("--ws-ping-timeout", "ws_ping_timeout", float, "ASGI WebSockets: close with 1011 when nothing (no pong, no "
+                                                    "data) came back within S seconds of a ping"),
 ]
+
+WS_PING_MAX = 3600.0
+
+
+def ws_problem(max_size: int, ping_interval: float, ping_timeout: float) -> tuple[str, str] | None:
+    """The first bad WebSocket setting as (what is wrong, the fix), or None. One check for the worker and for
+    `clusterctl generate`, so a generated unit never carries a value its worker would refuse."""
+    if max_size < 1:
+        return (f"--ws-max-size {max_size} is not a positive number of bytes",
+                "e.g. --ws-max-size 1048576 for 1 MiB (the default is 16 MiB)")
+    if not 0 <= ping_interval <= WS_PING_MAX:  # also refuses nan
+        return (f"--ws-ping-interval {ping_interval:g} is out of range",
+                f"use 0 (no pings) to {WS_PING_MAX:g} seconds, e.g. --ws-ping-interval 20")
+    if not 0 < ping_timeout <= WS_PING_MAX:
+        return (f"--ws-ping-timeout {ping_timeout:g} is out of range",
+                f"use more than 0 and at most {WS_PING_MAX:g} seconds (turn pings off with --ws-ping-interval 0)")
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,21 @@ def test_bench_smoke_writes_every_section(can_sandbox: None, tmp_path: Path) -> 
     assert fp["start_to_ready"] and fp["workers"] and all(w["vmrss_mb"] for w in fp["workers"])
     assert all({"what", "value", "target", "met"} <= t.keys() for t in res["targets"])
     assert not sb.is_running(f"bench{os.getpid()}")  # its sandbox is gone (named after the run's pid, not ours)
+
+
+SSA = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-activate"
+
+
+@pytest.mark.skipif(not os.path.exists(SSA) or shutil.which("taskset") is None or 1 not in os.sched_getaffinity(0),
+                    reason="bench_ws.py needs systemd-socket-activate, taskset and core 1")
+def test_bench_ws_smoke(tmp_path: Path) -> None:
+    """bench/bench_ws.py end to end for half a second, ours only: its client processes connect, start together,
+    count round trips and latencies, and the parent sums them. Structure only (no lock: seconds, not figures)."""
+    out = tmp_path / "ws.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_ws.py"), "--only", "clusterctl", "--rounds", "1",
+                        "--duration", "0.5", "--warmup", "0", "--clients", "2", "--connections", "2", "--no-lock",
+                        "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["raw"]["clusterctl"]
+    assert run["round_trips"] > 0 and run["errors"] == [] and 0 < run["p50_ms"] <= run["p99_ms"]
+    assert 0 < run["server_core_busy"] <= 1 and run["client_cpu_s"] > 0

@@ -84,6 +84,8 @@ CASES = [
     ["--app", "a:b", "--drain-timeout", "2.5", "--max-requests=10", "--max-requests-jitter", "3", "--loop", "asyncio"],
     ["--app", "a:b", "--access-log", "--no-access-log", "--app", "c:d"],              # last one wins
     ["--app", "a:b", "--name", "x=y", "--interface", "asgi", "--keepalive-timeout", "1e1"],
+    ["--app", "a:b", "--ws-ping-interval", "0", "--ws-ping-timeout=2.5", "--no-ws-per-message-deflate",
+     "--ws-max-size", "1024"],
     ["--app", "a:b", "--max-requests", "-1"],              # negative numbers: argparse's rules
     ["--app", "a:b", "--drain", "3"],                       # abbreviation: argparse
     ["--app", "a:b", "--threads", "x"],                     # error: argparse's message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -108,6 +109,51 @@ def test_options_reach_the_units(appdir: Path) -> None:
     assert "User=www-data\n" in svc
 
 
+def test_ws_options_reach_exec_start_only_when_they_differ(appdir: Path) -> None:
+    """The --ws-* settings travel plan -> ExecStart= -> the worker's parser; defaults leave the unit as it was."""
+    from clusterctl import worker
+
+    def exec_start(**kw: object) -> tuple[list[str], str]:
+        plan = build_plan(app="myapp:app", name="web", workers="1", check=False, **kw)  # type: ignore[arg-type]
+        files = gen.render(plan)
+        line = next(x for x in files["web@.service"].splitlines() if x.startswith("ExecStart="))
+        return shlex.split(line.removeprefix("ExecStart=").replace("%i", "1"))[3:], files["web@.service"]
+
+    argv, _ = exec_start(ws_max_size=16 * 1024 * 1024, ws_per_message_deflate=True, ws_ping_interval=20,
+                         ws_ping_timeout=20.0)
+    assert not [a for a in argv if a.startswith(("--ws", "--no-ws"))]
+    argv, svc = exec_start(ws_max_size=65536, ws_per_message_deflate=False, ws_ping_interval=0,
+                           ws_ping_timeout=2.5)
+    assert argv[-7:] == ["--ws-max-size", "65536", "--no-ws-per-message-deflate", "--ws-ping-interval", "0",
+                         "--ws-ping-timeout", "2.5"]
+    assert "--ws-ping-timeout 2.5" in svc.splitlines()[1]  # the header's regenerate command has them too
+    parsed = worker._parse_plain(argv)  # the worker's own (fast) parser takes them as they are
+    assert parsed is not None
+    cfg = worker.WorkerConfig(**parsed)
+    assert (cfg.ws_max_size, cfg.ws_per_message_deflate, cfg.ws_ping_interval, cfg.ws_ping_timeout) == (
+        65536, False, 0.0, 2.5)
+    argv, _ = exec_start(ws_ping_interval=30)  # a whole number stays one
+    assert argv[-2:] == ["--ws-ping-interval", "30"]
+
+
+def test_ws_options_on_a_wsgi_app_warn(appdir: Path) -> None:
+    plan = build_plan(app="myapp:app", interface="wsgi", ws_ping_interval=5, check=False)
+    assert any("--ws-* options apply to ASGI apps only" in w for w in plan.warnings)
+    assert not [w for w in build_plan(app="myapp:app", interface="wsgi", check=False).warnings if "--ws-" in w]
+
+
+@needs_analyze
+def test_ws_options_through_the_cli_verify(appdir: Path) -> None:
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "1", "--ws-max-size", "1048576",
+                         "--no-ws-per-message-deflate", "--ws-ping-interval", "15", "--ws-ping-timeout", "0.5")
+    assert code == 0 and "(verified)" in out, out
+    svc = (appdir / "units/web/web@.service").read_text()
+    assert ("--ws-max-size 1048576 --no-ws-per-message-deflate --ws-ping-interval 15 --ws-ping-timeout 0.5\n"
+            in svc)
+    up_help = CliRunner().invoke(cli, ["up", "--help"]).output  # `up` builds the same plan
+    assert "--ws-ping-interval" in up_help and "--no-ws-per-message-deflate" in up_help
+
+
 def test_exec_quote() -> None:
     assert gen.exec_quote("/opt/my app/python") == '"/opt/my app/python"'
     assert gen.exec_quote("100%") == "100%%"
@@ -175,6 +221,12 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--cpu-quota", "0"], "is not a positive percentage"),
     (["--app", "myapp:app", "--user", "Bad User"], "is not a valid user name"),
     (["--app", "myapp:app", "--drain-timeout", "0"], "--drain-timeout 0 is out of range"),
+    (["--app", "myapp:app", "--ws-max-size", "-1"], "--ws-max-size -1 is not a positive number of bytes"),
+    (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
+    (["--app", "myapp:app", "--ws-ping-interval", "-5"], "--ws-ping-interval -5 is out of range"),
+    (["--app", "myapp:app", "--ws-ping-interval", "nan"], "--ws-ping-interval nan is out of range"),
+    (["--app", "myapp:app", "--ws-ping-interval", "7200"], "--ws-ping-interval 7200 is out of range"),
+    (["--app", "myapp:app", "--ws-ping-timeout", "0"], "--ws-ping-timeout 0 is out of range"),
 ]
 
 

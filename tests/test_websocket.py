@@ -5,26 +5,33 @@ SIGTERM -> 1001 and the STATUS= count."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_runtime import Worker, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
 
 from clusterctl import websocket
 from clusterctl.asgi import WS_MAX_SIZE, AsgiServer
 from clusterctl.engine import Limits
 from tests.engine_thread import EngineThread
 
+REPO = Path(__file__).resolve().parent.parent
 seen: list[dict[str, Any]] = []        # websocket scopes the app got
 heard: list[dict[str, Any]] = []       # websocket.disconnect messages the app got
 progress = {"sent": 0, "received": 0}  # /flood and /sink
@@ -75,11 +82,14 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 class WsEngine(EngineThread):
-    def __init__(self, app: Any, max_size: int = WS_MAX_SIZE, deflate: bool = True) -> None:
+    def __init__(self, app: Any, max_size: int = WS_MAX_SIZE, deflate: bool = True,
+                 ping: tuple[float, float] | None = None) -> None:
         def make(loop: asyncio.AbstractEventLoop) -> AsgiServer:
             server = AsgiServer(app, loop, Limits())
             server.ws_max_size = max_size
             server.ws_deflate = deflate
+            if ping is not None:
+                server.ws_keepalive(*ping)
             server.state["greeting"] = "hello"
             return server
 
@@ -472,3 +482,187 @@ def test_other_upgrades_get_plain_http_and_close(engine: WsEngine) -> None:
             assert data.startswith(b"HTTP/1.1 200") and data.endswith(body) and data.count(b"HTTP/1.1") == 1
     finally:
         w.stop()
+
+
+# --- keepalive pings (--ws-ping-interval, --ws-ping-timeout) ---------------------------------------------------
+
+class FrameLog(logging.Handler):
+    """The frames a `websockets` client received, with their arrival times (its debug log: `< FRAME`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.frames: list[tuple[float, Any]] = []
+        self.logger = logging.getLogger(f"test-ws-frames-{id(self)}")
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "< %s" and record.args:
+            self.frames.append((time.monotonic(), record.args[0]))  # type: ignore[index]
+
+    def pings(self) -> list[float]:
+        return [t for t, f in self.frames if isinstance(f, Frame) and f.opcode is Opcode.PING]
+
+
+def raw_open(port: int, path: str = "/echo") -> tuple[socket.socket, WSConnection]:
+    """A WebSocket through a raw socket: the handshake, then nothing unless the test says so (no automatic
+    pongs: what a dead or stuck peer looks like)."""
+    client = WSConnection(ConnectionType.CLIENT)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(client.send(Request(host="h", target=path)))
+    client.receive_data(s.recv(4096))
+    assert isinstance(next(client.events()), AcceptConnection)
+    return s, client
+
+
+def read_until_closed(s: socket.socket, client: WSConnection) -> tuple[list[float], CloseConnection | None, float]:
+    """Reads (without answering) until EOF: the pings' arrival times, the close frame, when the socket ended."""
+    pings: list[float] = []
+    close = None
+    while chunk := s.recv(65536):
+        client.receive_data(chunk)
+        for e in client.events():
+            if isinstance(e, Ping):
+                pings.append(time.monotonic())
+            elif isinstance(e, CloseConnection):
+                close = e
+    return pings, close, time.monotonic()
+
+
+@pytest.fixture
+def pinging() -> Iterator[Callable[[float, float], WsEngine]]:
+    """`pinging(interval, timeout)`: an engine serving raw_app with those keepalive settings, stopped after."""
+    engines: list[WsEngine] = []
+    heard.clear()
+
+    def make(interval: float, timeout: float) -> WsEngine:
+        engines.append(WsEngine(raw_app, ping=(interval, timeout)))
+        return engines[-1]
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+Pinging = Callable[[float, float], WsEngine]
+
+
+def test_keepalive_pings_arrive_at_the_interval_and_answered_ones_keep_it_open(pinging: Pinging) -> None:
+    """Interval 0.4 s, timeout 0.6 s: a real client (its own pings off, it answers ours) sees a ping about every
+    0.4 s and stays open well past the timeout, however idle."""
+    e = pinging(0.4, 0.6)
+    frames = FrameLog()
+
+    async def go() -> None:
+        async with connect(e.url + "/echo", ping_interval=None, logger=frames.logger) as ws:
+            t0 = time.monotonic()
+            await asyncio.sleep(2.5)
+            await ws.send("still here")
+            assert await ws.recv() == "still here"
+            pings = frames.pings()
+            assert 4 <= len(pings) <= 7, pings
+            assert 0.2 < pings[0] - t0 < 0.7
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
+            assert all(0.3 < g < 0.75 for g in gaps), gaps
+
+    run(go())
+    assert not any(m["code"] == 1011 for m in heard)
+
+
+def test_a_peer_that_never_answers_is_closed_1011_within_interval_plus_timeout(pinging: Pinging) -> None:
+    e = pinging(0.4, 0.6)
+    s, client = raw_open(e.port)
+    with s:
+        t0 = time.monotonic()
+        wait_until(lambda: e.server.websockets == 1)
+        pings, close, t_end = read_until_closed(s, client)
+    assert close is not None and close.code == 1011 and close.reason == "keepalive ping timeout"
+    assert 1 <= len(pings) <= 3, pings
+    # closed 0.6 s after the first ping (0.4 s in), give or take a sweep (0.1 s) and a loaded machine
+    assert 0.9 < t_end - t0 < 1.0 + 0.6, t_end - t0
+    wait_until(lambda: bool(heard))
+    assert heard == [{"type": "websocket.disconnect", "code": 1011, "reason": "keepalive ping timeout"}]
+    wait_until(lambda: e.server.websockets == 0 and not e.server.connections)
+    assert e.server.errors == 0
+
+
+def test_data_from_the_peer_counts_as_an_answer(pinging: Pinging) -> None:
+    """A client that never pongs but keeps sending messages is alive: it is not closed."""
+    e = pinging(0.2, 0.3)
+    s, client = raw_open(e.port)
+    with s:
+        s.settimeout(0.05)
+        end = time.monotonic() + 1.5
+        echoes = 0
+        while time.monotonic() < end:
+            s.sendall(client.send(TextMessage(data="tick")))
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            assert chunk, "closed although it kept sending"
+            client.receive_data(chunk)
+            for ev in client.events():
+                assert not isinstance(ev, CloseConnection), ev
+                echoes += isinstance(ev, TextMessage)
+            time.sleep(0.1)
+        assert echoes > 5 and e.server.websockets == 1
+        s.sendall(client.send(CloseConnection(code=1000)))
+
+
+def test_a_peer_that_stopped_reading_is_aborted(pinging: Pinging) -> None:
+    """When not even the close frame can be written (the peer reads nothing and our write buffer is full),
+    the connection is aborted: the worker does not hold it until the stalled-write timeout (30 s)."""
+    e = pinging(0.3, 0.3)
+    progress["sent"] = 0
+    s, _client = raw_open(e.port, "/flood")
+    with s:
+        t0 = time.monotonic()
+        wait_until(lambda: progress["sent"] > 0)
+        wait_until(lambda: e.server.websockets == 0 and not e.server.connections, timeout=3)
+        assert time.monotonic() - t0 < 2.0
+        sent = progress["sent"]
+        assert sent < 400  # the app's sends were waiting, then the next one raised ClientDisconnected
+    time.sleep(0.1)
+    assert progress["sent"] == sent and e.server.errors == 0
+
+
+def test_interval_0_sends_no_pings_and_closes_nobody(pinging: Pinging) -> None:
+    e = pinging(0.0, 0.2)
+    s, client = raw_open(e.port)
+    with s:
+        s.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            s.recv(65536)  # 1.5 s: no ping, no close
+        s.settimeout(5)
+        s.sendall(client.send(TextMessage(data="hello")))
+        client.receive_data(s.recv(65536))
+        assert [ev.data for ev in client.events() if isinstance(ev, TextMessage)] == ["hello"]
+        s.sendall(client.send(CloseConnection(code=1000)))
+
+
+def test_worker_flags_reach_the_keepalive(spawn: Callable[..., Worker]) -> None:  # noqa: F811
+    """--ws-ping-interval/--ws-ping-timeout through the real worker's command line."""
+    w = spawn("--app", "examples.wsecho:app", "--no-access-log", "--ws-ping-interval", "0.3",
+              "--ws-ping-timeout", "0.3")
+    connect_when_listening(w.port).close()
+    w.notify.wait_for("READY=1")
+    s, client = raw_open(w.port, "/ws")
+    with s:
+        t0 = time.monotonic()
+        pings, close, t_end = read_until_closed(s, client)
+    assert pings and close is not None and close.code == 1011
+    assert t_end - t0 < 2.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ws-ping-timeout", "0"], "--ws-ping-timeout 0 is out of range"),
+    (["--ws-ping-interval", "-1"], "--ws-ping-interval -1 is out of range"),
+    (["--ws-ping-interval", "nan"], "--ws-ping-interval nan is out of range"),
+    (["--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
+])
+def test_worker_refuses_bad_ws_settings(args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "clusterctl.worker", "--app", "examples.wsecho:app", *args],
+                       capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert r.returncode == 2 and message in r.stderr and "(fix: " in r.stderr, r.stderr

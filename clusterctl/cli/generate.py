@@ -10,7 +10,17 @@ import click
 
 from clusterctl import generate as gen
 from clusterctl.cli import cli
-from clusterctl.plan import BACKLOG, DRAIN_TIMEOUT, WATCHDOG_SEC, Plan, build_plan
+from clusterctl.plan import (
+    BACKLOG,
+    DRAIN_TIMEOUT,
+    WATCHDOG_SEC,
+    WS_DEFLATE,
+    WS_MAX_SIZE,
+    WS_PING_INTERVAL,
+    WS_PING_TIMEOUT,
+    Plan,
+    build_plan,
+)
 
 _PLAN_OPTIONS = [
     click.option("--app", required=True, metavar="MODULE:CALLABLE", help="The WSGI app, e.g. myproject.wsgi:application."),
@@ -44,6 +54,14 @@ _PLAN_OPTIONS = [
                  help="Kill a worker whose event loop is blocked this long (0: off)."),
     click.option("--interface", type=click.Choice(["auto", "wsgi", "asgi"]), default="auto", show_default=True,
                  help="The app's interface: auto detects WSGI, ASGI 3 or ASGI 2 when the worker imports it."),
+    click.option("--ws-max-size", type=int, default=WS_MAX_SIZE, show_default=True, metavar="BYTES",
+                 help="ASGI WebSockets: largest message; a larger one closes the connection with 1009."),
+    click.option("--ws-per-message-deflate/--no-ws-per-message-deflate", default=WS_DEFLATE, show_default=True,
+                 help="ASGI WebSockets: accept permessage-deflate compression when the client offers it."),
+    click.option("--ws-ping-interval", type=float, default=WS_PING_INTERVAL, show_default=True, metavar="SECONDS",
+                 help="ASGI WebSockets: send a keepalive ping this often (0: no pings)."),
+    click.option("--ws-ping-timeout", type=float, default=WS_PING_TIMEOUT, show_default=True, metavar="SECONDS",
+                 help="ASGI WebSockets: close with 1011 when nothing came back this long after a ping."),
     click.option("--every", metavar="SPAN",
                  help="Run --task this often (a systemd time span: 10s, 5min); NAME-task.timer + NAME-task.service."),
     click.option("--task", metavar="MODULE:FUNC",
@@ -64,7 +82,8 @@ def plan_from_options(options: dict[str, Any]) -> Plan:
     """Build the Plan from the plan options; pops them so the caller keeps only its own."""
     keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
-            "backlog", "drain_timeout", "watchdog_sec", "interface", "every", "task")
+            "backlog", "drain_timeout", "watchdog_sec", "interface", "ws_max_size", "ws_per_message_deflate",
+            "ws_ping_interval", "ws_ping_timeout", "every", "task")
     kwargs = {k: options.pop(k) for k in keys}
     plan = build_plan(**kwargs, check=options.pop("check_import"))
     for warning in plan.warnings:
