@@ -33,6 +33,7 @@ from clusterctl.engine import (
     Request,
     Server,
     _canned,
+    _Head,
     _target,
 )
 from clusterctl.errors import ClusterctlError
@@ -166,14 +167,46 @@ class _Body:
         settle(fut)
 
 
-def _response_head(status: Any, headers: Any) -> tuple[int, bytes, int | None, bool, bool]:
-    """(code, head without framing/date lines, app Content-Length, app asked to close, app set Date)."""
+class _Exchange:
+    """One request/response on a connection, shared by its receive() and send(): `ended` once the response
+    is complete or the client left, when a receive() waiting for more hears http.disconnect.
+
+    Lighter than an asyncio.Event per request: most requests never wait, so no future exists until one does."""
+
+    __slots__ = ("ended", "task", "waiters")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.task: asyncio.Task[None] | None = None
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    def end(self) -> None:
+        self.ended = True
+        waiters, self.waiters = self.waiters, None
+        if waiters:
+            for fut in waiters:
+                settle(fut)
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.ended:
+            fut = loop.create_future()  # one per waiter: a cancelled waiter must not cancel the others
+            if self.waiters is None:
+                self.waiters = [fut]
+            else:
+                self.waiters.append(fut)
+            await fut
+
+
+def _asgi_head(status: Any, headers: Any) -> _Head:
+    """Validate and compile an http.response.start's status and headers (byte pairs) into a reusable head."""
     if type(status) is not int or not 100 <= status <= 999:
         raise ValueError(f"invalid ASGI status {status!r}")
     out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "").encode())]
     app_cl: int | None = None
     close = has_date = False
+    kept = []
     for name, value in headers:
+        kept.append((name, value))
         name, value = bytes(name), bytes(value)
         if not name or any(c not in _TOKEN for c in name):
             raise ValueError(f"invalid response header name {name!r}")
@@ -190,13 +223,27 @@ def _response_head(status: Any, headers: Any) -> tuple[int, bytes, int | None, b
         elif low == b"date":
             has_date = True
         out += (name, b": ", value, b"\r\n")
-    return status, b"".join(out), app_cl, close, has_date
+    return _Head(status, b"".join(out), app_cl, close, has_date, kept if type(headers) is list else headers)
+
+
+def _scope_target(target: bytes) -> tuple[str, bytes, bytes]:
+    """(path, raw_path, query_string) of a request target, cached like the WSGI adapter's."""
+    t = _TARGETS.get(target) or _target(target)
+    st = (t[0].encode("latin-1").decode("utf-8", "replace"), target.partition(b"?")[0], t[1].encode("latin-1"))
+    if len(_SCOPE_TARGETS) >= 4096:
+        _SCOPE_TARGETS.clear()
+    _SCOPE_TARGETS[target] = st
+    return st
+
+
+_SCOPE_TARGETS: dict[bytes, tuple[str, bytes, bytes]] = {}
+_METHOD_STR: dict[bytes, str] = {}
 
 
 class AsgiProtocol(HttpProtocol):
     """ASGI 3 HTTP on top of HttpProtocol: one app task per request, responses in request order."""
 
-    __slots__ = ("app", "base_env", "base_scope", "code", "drained", "framing", "gone", "head_sent", "inbox",
+    __slots__ = ("app", "base_env", "base_scope", "code", "drained", "ex", "framing", "head_sent", "inbox",
                  "is_head", "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0", "ws")
 
     stream_bodies = True
@@ -206,7 +253,7 @@ class AsgiProtocol(HttpProtocol):
         self.app: ASGIApp = server.app  # type: ignore[assignment]
         self.base_scope: dict[str, Any] = {}
         self.base_env: dict[str, Any] = {"REMOTE_ADDR": ""}  # the access log's view of the client
-        self.gone: asyncio.Event | None = None       # set when this request's client left or response ended
+        self.ex: _Exchange | None = None             # the request being answered
         self.drained: asyncio.Future[None] | None = None
         self.start: Message | None = None
         self.inbox: _Body | None = None              # the current request's streamed body, if it has one
@@ -266,13 +313,16 @@ class AsgiProtocol(HttpProtocol):
             self.ws.start()
             return
         method, target, headers, body, _keep, version, _cl = req
-        t = _TARGETS.get(target) or _target(target)
+        t = _SCOPE_TARGETS.get(target) or _scope_target(target)
+        m = _METHOD_STR.get(method)
+        if m is None:
+            m = method.decode("ascii")
+            if len(_METHOD_STR) < 64:
+                _METHOD_STR[method] = m
         scope = self.base_scope.copy()
         scope["http_version"] = version
-        scope["method"] = m = method.decode("ascii")
-        scope["path"] = t[0].encode("latin-1").decode("utf-8", "replace")
-        scope["raw_path"] = target.partition(b"?")[0]
-        scope["query_string"] = t[1].encode("latin-1")
+        scope["method"] = m
+        scope["path"], scope["raw_path"], scope["query_string"] = t
         scope["headers"] = [(n.lower(), v) for n, v in headers]
         scope["state"] = self.server.state.copy()  # type: ignore[attr-defined]
         self.start = None
@@ -282,38 +332,72 @@ class AsgiProtocol(HttpProtocol):
         self.keep = keep_alive
         self.rversion = version
         self.is_head = m == "HEAD"
-        self.gone = gone = asyncio.Event()
+        self.ex = ex = _Exchange()
         if self.closed:
-            gone.set()
+            ex.ended = True
         if self.server.access_log is not None:
             self.t0 = time.perf_counter()
             self.req_line = f"{m} {target.decode('latin-1')} HTTP/{version}"
         if body is None:
             self.inbox = _Body()
-            receive = self._streamed_receive(gone, self.inbox)
+            receive = self._streamed_receive(ex, self.inbox)
         else:
             self.inbox = None
             pending = [{"type": "http.request", "body": body, "more_body": False}]
+            loop = self.loop
 
             async def receive() -> Message:
                 if pending:
                     return pending.pop()
-                await gone.wait()
+                await ex.wait(loop)
                 return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
-            if self.gone is not gone:
-                if gone.is_set() and self.closed:
+            if self.ex is not ex:
+                if ex.ended and self.closed:
                     return  # the client left: sends are dropped, as receive() has said
                 raise RuntimeError(f"ASGI message {message.get('type')!r} after the response completed")
+            # The common shapes first (no coroutine for _send): the start, then the whole body in one
+            # message on keep-alive HTTP/1.1.
+            start = self.start
+            kind = message["type"]
+            if start is None:
+                if kind == "http.response.start":
+                    self.start = message
+                    return
+            elif kind == "http.response.body" and not self.head_sent and not message.get("more_body", False):
+                status = start["status"]
+                hdrs = start.get("headers", ())
+                server = self.server
+                h = server.heads.get(status)
+                if h is None or type(status) is not int or (h.headers is not hdrs and h.headers != hdrs):
+                    h = self._lookup_head(status, hdrs)
+                body = message.get("body", b"")
+                if (h.plain and type(body) is bytes and self.keep and not self.is_head and self.rversion == "1.1"
+                        and not (server.draining and not self.queue)):
+                    date = server.date_line
+                    if h.date is not date:
+                        h.date = date
+                        h.full = {}
+                    n = len(body)
+                    full = h.full.get(n) or h.compose(n)
+                    if full is not None:
+                        if not self.closed:
+                            self.transport.write(full + body)
+                        self.head_sent = True
+                        self.code = h.code
+                        self.resp_bytes = n
+                        self._end(True)
+                        return
             await self._send(message)
 
-        task = self.loop.create_task(self._run(scope, receive, send, gone))
-        tasks: set[asyncio.Task[None]] = self.server.tasks  # type: ignore[attr-defined]
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task = self.loop.create_task(self._run(scope, receive, send, ex))
+        ex.task = task
+        self.server.tasks.add(task)  # type: ignore[attr-defined]  # a strong reference while it runs
 
-    def _streamed_receive(self, gone: asyncio.Event, inbox: _Body) -> Callable[[], Awaitable[Message]]:
+    def _streamed_receive(self, ex: _Exchange, inbox: _Body) -> Callable[[], Awaitable[Message]]:
+        loop = self.loop
+
         async def receive() -> Message:
             while True:
                 if inbox.parts:
@@ -324,21 +408,21 @@ class AsgiProtocol(HttpProtocol):
                     more = inbox.state == _MORE
                     if not more:
                         inbox.state = _GIVEN
-                    if self.gone is gone:
+                    if self.ex is ex:
                         self.release_body()
                     return {"type": "http.request", "body": chunk, "more_body": more}
                 if inbox.state == _COMPLETE:
                     inbox.state = _GIVEN
                     return {"type": "http.request", "body": b"", "more_body": False}
-                if self.gone is not gone or gone.is_set() or inbox.state == _BROKEN:
+                if self.ex is not ex or ex.ended or inbox.state == _BROKEN:
                     return {"type": "http.disconnect"}
                 if inbox.state == _GIVEN:
-                    await gone.wait()
+                    await ex.wait(loop)
                     continue
                 if self.continue_pending:  # the app wants the body: now the client may send it
                     self.continue_pending = False
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                inbox.waiter = self.loop.create_future()
+                inbox.waiter = loop.create_future()
                 await inbox.waiter
         return receive
 
@@ -364,7 +448,7 @@ class AsgiProtocol(HttpProtocol):
         inbox.wake()
         self.release_body()
         err = self.error
-        if self.gone is None:
+        if self.ex is None:
             return
         if not self.head_sent and err is not None:
             self.code = err.status  # the HTTP layer sends the error response once the request has ended
@@ -374,19 +458,21 @@ class AsgiProtocol(HttpProtocol):
             self.server.errors += 1
             self._end(False)
 
-    async def _run(self, scope: Scope, receive: Any, send: Any, gone: asyncio.Event) -> None:
-        # `self.gone is gone` while this request's response is unfinished; after it ended, the app may
+    async def _run(self, scope: Scope, receive: Any, send: Any, ex: _Exchange) -> None:
+        # `self.ex is ex` while this request's response is unfinished; after it ended, the app may
         # still run (background tasks) while the next pipelined request is served.
         try:
             await self.app(scope, receive, send)
         except Exception:
-            if self.gone is gone:
+            if self.ex is ex:
                 self._app_error()
             else:
                 log.exception("error in ASGI app after its response to %s", self.req_line or "a request")
                 self.server.errors += 1
             return
-        if self.gone is gone:
+        finally:
+            self.server.tasks.discard(ex.task)  # type: ignore[attr-defined]
+        if self.ex is ex:
             if self.start is None:
                 log.error("ASGI app returned without sending a response to %s", self.req_line or "a request")
             else:
@@ -424,21 +510,44 @@ class AsgiProtocol(HttpProtocol):
             self.drained = fut = self.loop.create_future()
             await fut
 
+    def _lookup_head(self, status: Any, headers: Any) -> _Head:
+        """The compiled head of (status, headers): the last one per status is checked first by the caller;
+        this finds the others by value (apps alternate a few), compiling each distinct one once."""
+        server = self.server
+        try:
+            key: Any = (status, tuple(headers))
+            h = server.head_cache.get(key)
+        except TypeError:  # unhashable parts (lists, bytearrays): compiled every time, still correct
+            key, h = None, None
+        if h is None:
+            h = _asgi_head(status, headers)
+            if key is not None:
+                if len(server.head_cache) > 512:
+                    server.head_cache.clear()
+                    server.heads.clear()
+                server.head_cache[key] = h
+        server.heads[status] = h
+        return h
+
     def _head(self, body_len: int | None) -> bytes:
         start = self.start
         assert start is not None
-        code, prefix, app_cl, app_close, has_date = _response_head(start["status"], start.get("headers", ()))
-        server = self.server
-        keep = self.keep and not app_close and not (server.draining and not self.queue)
-        return self._framed_head(prefix, has_date, code, app_cl, body_len, keep)
+        status = start["status"]
+        headers = start.get("headers", ())
+        h = self.server.heads.get(status)
+        if h is None or type(status) is not int or (h.headers is not headers and h.headers != headers):
+            h = self._lookup_head(status, headers)
+        keep = self.keep and not h.app_close and not (self.server.draining and not self.queue)
+        return self._framed_head(h.prefix, h.has_date, h.code, h.app_cl, body_len, keep)
 
     # -- completion -----------------------------------------------------------------------------------------
     def _end(self, keep: bool) -> None:
-        gone = self.gone
-        if gone is not None:
-            gone.set()  # a receive() still waiting (e.g. a disconnect listener) returns http.disconnect
-        self.gone = None
-        self._wake()
+        ex = self.ex
+        if ex is not None:
+            ex.end()  # a receive() still waiting (e.g. a disconnect listener) returns http.disconnect
+        self.ex = None
+        if self.drained is not None:
+            self._wake()
         if self.inbox is not None:
             self.inbox.wake()
             self.inbox = None
@@ -452,7 +561,7 @@ class AsgiProtocol(HttpProtocol):
         if not logged:
             log.exception("error in ASGI app handling %s", self.req_line or "a request")
         self.server.errors += 1
-        if self.gone is None:
+        if self.ex is None:
             return  # the response had already ended
         if not self.head_sent:
             if not self.closed:
@@ -487,8 +596,8 @@ class AsgiProtocol(HttpProtocol):
         self._wake()
 
     def _client_left(self) -> None:
-        if self.gone is not None:
-            self.gone.set()
+        if self.ex is not None:
+            self.ex.end()
         if self.inbox is not None:
             self.inbox.wake()
         if self.ws is not None:
