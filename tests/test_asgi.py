@@ -50,6 +50,12 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "http.response.body", "body": b"chunk%d;" % i, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return
+    if path.startswith("/kind/"):  # same status, headers differing per path: compiled heads must not mix
+        kind = path[6:].encode()
+        cl = [(b"content-length", scope["query_string"])] if scope["query_string"] else []
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-kind", kind), *cl]})
+        await send({"type": "http.response.body", "body": b"body-" + kind})
+        return
     if path == "/slow":
         await asyncio.sleep(0.2)
     body = f"{scope['method']} {path} q={scope['query_string'].decode()} body={msg['body'].decode()}".encode()
@@ -113,6 +119,19 @@ def test_streaming_is_chunked_and_head_has_no_body(asgi_engine: AsgiEngine) -> N
     # 1.0 without Content-Length: delimited by close
     (res,), closed = ask(asgi_engine, b"GET /stream HTTP/1.0\r\n\r\n")
     assert res[2] == b"chunk0;chunk1;chunk2;" and closed
+
+
+def test_response_heads_are_cached_per_headers_and_honour_the_apps_content_length(asgi_engine: AsgiEngine) -> None:
+    # One keep-alive connection, the same status with alternating headers: each response keeps its own.
+    raw = b"".join(b"GET /kind/%s HTTP/1.1\r\nHost: h\r\n\r\n" % k for k in (b"a", b"b", b"a", b"b", b"c"))
+    res, _ = ask(asgi_engine, raw, n=5)
+    assert [(r[1]["x-kind"], r[2]) for r in res] == [("a", b"body-a"), ("b", b"body-b"), ("a", b"body-a"),
+                                                     ("b", b"body-b"), ("c", b"body-c")]
+    # The app's own Content-Length, right: one header, connection kept; too short: truncated, then closed.
+    (ok, short), closed = ask(asgi_engine, b"GET /kind/d?6 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                           b"GET /kind/e?3 HTTP/1.1\r\nHost: h\r\n\r\n", n=2)
+    assert ok[2] == b"body-d" and ok[1]["content-length"] == "6" and "connection" not in ok[1]
+    assert short[2] == b"bod" and closed
 
 
 def test_pipelining_in_order_and_keepalive(asgi_engine: AsgiEngine) -> None:
