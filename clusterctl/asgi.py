@@ -369,18 +369,12 @@ class AsgiProtocol(HttpProtocol):
                 status = start["status"]
                 hdrs = start.get("headers", ())
                 server = self.server
-                h = server.heads.get(status)
-                if h is None or type(status) is not int or (h.headers is not hdrs and h.headers != hdrs):
-                    h = self._lookup_head(status, hdrs)
+                h = self._compiled_head(status, hdrs)
                 body = message.get("body", b"")
                 if (h.plain and type(body) is bytes and self.keep and not self.is_head and self.rversion == "1.1"
                         and not (server.draining and not self.queue)):
-                    date = server.date_line
-                    if h.date is not date:
-                        h.date = date
-                        h.full = {}
                     n = len(body)
-                    full = h.full.get(n) or h.compose(n)
+                    full = h.full_head(server.date_line, n)
                     if full is not None:
                         if not self.closed:
                             self.transport.write(full + body)
@@ -510,10 +504,13 @@ class AsgiProtocol(HttpProtocol):
             self.drained = fut = self.loop.create_future()
             await fut
 
-    def _lookup_head(self, status: Any, headers: Any) -> _Head:
-        """The compiled head of (status, headers): the last one per status is checked first by the caller;
-        this finds the others by value (apps alternate a few), compiling each distinct one once."""
+    def _compiled_head(self, status: Any, headers: Any) -> _Head:
+        """The compiled head of (status, headers): the last one per status first (mostly the same list, by
+        identity or a short compare), then the others by value (apps alternate a few), each compiled once."""
         server = self.server
+        h = server.heads.get(status)
+        if h is not None and type(status) is int and (h.headers is headers or h.headers == headers):
+            return h
         try:
             key: Any = (status, tuple(headers))
             h = server.head_cache.get(key)
@@ -532,11 +529,7 @@ class AsgiProtocol(HttpProtocol):
     def _head(self, body_len: int | None) -> bytes:
         start = self.start
         assert start is not None
-        status = start["status"]
-        headers = start.get("headers", ())
-        h = self.server.heads.get(status)
-        if h is None or type(status) is not int or (h.headers is not headers and h.headers != headers):
-            h = self._lookup_head(status, headers)
+        h = self._compiled_head(start["status"], start.get("headers", ()))
         keep = self.keep and not h.app_close and not (self.server.draining and not self.queue)
         return self._framed_head(h.prefix, h.has_date, h.code, h.app_cl, body_len, keep)
 

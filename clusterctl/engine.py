@@ -867,9 +867,15 @@ class _Head:
         self.date = b""
         self.full: dict[int, bytes] = {}
 
-    def compose(self, n: int) -> bytes | None:
-        """The whole head of an n-byte body under the current Date line (`self.date`), cached per n;
+    def full_head(self, date: bytes, n: int) -> bytes | None:
+        """The whole head of an n-byte body under this Date line, cached per n until the line changes;
         None when the app's own Content-Length is not n (the general path truncates or closes)."""
+        if self.date is not date:
+            self.date = date
+            self.full = {}
+        full = self.full.get(n)
+        if full is not None:
+            return full
         app_cl = self.app_cl
         if app_cl is None:
             full = self.prefix + self.date + b"content-length: %d\r\n\r\n" % n
@@ -1031,12 +1037,8 @@ class WsgiProtocol(HttpProtocol):
                 self._app_error(result)
                 return
             if h.plain and type(body) is bytes and not self.head_sent:
-                date = server.date_line
-                if h.date is not date:
-                    h.date = date
-                    h.full = {}
                 n = len(body)
-                full = h.full.get(n) or h.compose(n)
+                full = h.full_head(server.date_line, n)
                 if full is not None:
                     if not self.closed:
                         self.transport.write(full + body)
