@@ -38,12 +38,16 @@ BROWSER = (b"GET /items?page=2&sort=name HTTP/1.1\r\nHost: example.com\r\n"
            b"Upgrade-Insecure-Requests: 1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n")
 POST = (b"POST /submit HTTP/1.1\r\nHost: example.com\r\nContent-Type: application/json\r\n"
         b"Content-Length: 27\r\n\r\n{\"name\": \"x\", \"value\": 42}\n")
-# scenario -> (one read's bytes, requests in it)
+# wrk -H "Connection: close": one request per connection.
+CLOSE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nConnection: close\r\n\r\n"
+# scenario -> (one read's bytes, requests in it); "close" also opens and closes a connection per request
+# (the protocol's side of it: construction, connection_made, connection_lost; not uvloop's accept).
 SCENARIOS: dict[str, tuple[bytes, int]] = {
     "wrk": (WRK, 1),
     "browser": (BROWSER, 1),
     "post": (POST, 1),
     "pipelined16": (WRK * 16, 16),
+    "close": (CLOSE, 1),
 }
 SCENARIOS.update({f"asgi-{k}": v for k, v in list(SCENARIOS.items())})
 
@@ -134,6 +138,15 @@ def drive(scenario: str, n: int, access_log: bool) -> float:
                 if flush is not None and i & 63 == 63:
                     flush()
         server.loop.run_until_complete(turns())
+    elif scenario.endswith("close"):
+        new, lost = server.protocol, type(proto).connection_lost
+        for _ in range(reads):
+            conn = new()
+            t = FakeTransport()
+            conn.connection_made(t)
+            conn.data_received(data)
+            lost(conn, None)
+        transport = t
     else:
         for i in range(reads):
             feed(data)
@@ -143,7 +156,7 @@ def drive(scenario: str, n: int, access_log: bool) -> float:
     if flush is not None:
         flush()
     served = reads * per
-    if transport.closed or server.served != served or not transport.last.startswith(b"HTTP/1.1 "):
+    if transport.closed != scenario.endswith("close") or server.served != served or not transport.last.startswith(b"HTTP/1.1 "):
         raise SystemExit(f"{scenario}: served {server.served}/{served}, closed={transport.closed}, "
                          f"last={transport.last[:60]!r}")
     return dt / served

@@ -358,7 +358,7 @@ class AsgiProtocol(HttpProtocol):
                     return  # the client left: sends are dropped, as receive() has said
                 raise RuntimeError(f"ASGI message {message.get('type')!r} after the response completed")
             # The common shapes first (no coroutine for _send): the start, then the whole body in one
-            # message on keep-alive HTTP/1.1.
+            # message on HTTP/1.1.
             start = self.start
             kind = message["type"]
             if start is None:
@@ -371,17 +371,17 @@ class AsgiProtocol(HttpProtocol):
                 server = self.server
                 h = self._compiled_head(status, hdrs)
                 body = message.get("body", b"")
-                if (h.plain and type(body) is bytes and self.keep and not self.is_head and self.rversion == "1.1"
-                        and not (server.draining and not self.queue)):
+                if h.plain and type(body) is bytes and not self.is_head and self.rversion == "1.1":
                     n = len(body)
-                    full = h.full_head(server.date_line, n)
+                    keep = self.keep and not (server.draining and not self.queue)
+                    full = h.full_head(server.date_line, n if keep else ~n)
                     if full is not None:
                         if not self.closed:
                             self.transport.write(full + body)
                         self.head_sent = True
                         self.code = h.code
                         self.resp_bytes = n
-                        self._end(True)
+                        self._end(keep)
                         return
             await self._send(message)
 

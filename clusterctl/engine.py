@@ -203,9 +203,9 @@ class HttpProtocol(asyncio.Protocol):
     # self.x becomes a dict lookup; slot access is a fixed offset.
     __slots__ = ("body", "body_held", "body_len", "busy", "closed", "continue_pending", "error", "expect", "got_bytes",
                  "head_carry", "head_limit", "headers", "hflags", "in_head", "limits", "lingering", "loop",
-                 "max_header_size", "measure", "parser", "phase", "queue", "read_big", "read_paused", "running_queue",
-                 "server", "since", "stop_parsing", "streaming", "transport", "url", "version", "writable",
-                 "write_paused")
+                 "max_header_size", "max_headers", "max_request_line", "measure", "parser", "phase",
+                 "queue", "read_big", "read_paused", "running_queue", "server", "since", "stop_parsing",
+                 "streaming", "transport", "url", "version", "writable", "write_paused")
 
     # True: a request with a body that arrives while the connection is idle is handed to the adapter at the
     # end of its head, and the body follows as it is read (ASGI's http.request with more_body). False: the
@@ -233,11 +233,14 @@ class HttpProtocol(asyncio.Protocol):
         self.in_head = False
         self.continue_pending = False
         self.lingering = False
-        self.writable = threading.Event()
-        self.writable.set()
+        # Set while the transport takes writes; only --threads' worker threads wait on it, so only a threaded
+        # adapter makes one (a threading.Event and its Condition cost ~10% of a Connection: close request).
+        self.writable: threading.Event | None = None
         lim = self.limits
         self.head_limit = lim.max_request_line + lim.max_header_size + 1024
         self.max_header_size = lim.max_header_size
+        self.max_headers = lim.max_headers
+        self.max_request_line = lim.max_request_line
         self.read_big = False         # this read alone could hold a head over the limit
         self.measure = False          # this message's head needs its size checked
         self.version = "1.1"
@@ -271,7 +274,12 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self.stop_parsing = True
         self.server.connections.discard(self)
-        self.writable.set()
+        # The parser refers back to us: dropping it lets reference counting free a closed connection at once
+        # instead of the cyclic collector later. No data can arrive any more (stop_parsing), so nothing parses
+        # after this.
+        self.parser = None
+        if self.writable is not None:
+            self.writable.set()
         self.on_lost()
 
     def on_lost(self) -> None:
@@ -279,12 +287,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.writable.clear()
+        if self.writable is not None:
+            self.writable.clear()
         self.since = self.server.clock
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.writable.set()
+        if self.writable is not None:
+            self.writable.set()
         self.on_writable()
 
     def on_writable(self) -> None:
@@ -334,7 +344,7 @@ class HttpProtocol(asyncio.Protocol):
     def _head_over(self) -> bool:
         """Bound an unfinished head (llhttp buffers a partial header line without calling us)."""
         headers = self.headers
-        if (self.head_carry > self.head_limit or len(headers) > self.limits.max_headers
+        if (self.head_carry > self.head_limit or len(headers) > self.max_headers
                 or (self.measure and _head_size(headers) > self.max_header_size)):
             self.headers = []
             self._fail(_Reject(431, "request head too large"))
@@ -363,7 +373,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.limits.max_request_line:
+        if len(self.url) > self.max_request_line:
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -373,7 +383,10 @@ class HttpProtocol(asyncio.Protocol):
         if kind is None:
             kind = _header_kind(name)
         if kind:
-            self._special_header(kind, value)
+            if kind == _H_HOST and not self.hflags & _H_HOST:  # the one every request has, without a call
+                self.hflags |= _H_HOST
+            else:
+                self._special_header(kind, value)
 
     def _special_header(self, kind: int, value: bytes) -> None:
         if kind == _H_HOST:
@@ -392,7 +405,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         headers = self.headers
-        if len(headers) > self.limits.max_headers:
+        if len(headers) > self.max_headers:
             raise _Reject(431, "too many request headers")
         if self.measure and _head_size(headers) > self.max_header_size:
             raise _Reject(431, "request headers too large")
@@ -867,24 +880,26 @@ class _Head:
         self.date = b""
         self.full: dict[int, bytes] = {}
 
-    def full_head(self, date: bytes, n: int) -> bytes | None:
-        """The whole head of an n-byte body under this Date line, cached per n until the line changes;
-        None when the app's own Content-Length is not n (the general path truncates or closes)."""
+    def full_head(self, date: bytes, key: int) -> bytes | None:
+        """The whole head of an n-byte body under this Date line, `key` n on a kept connection and ~n (< 0)
+        on one that closes after it; cached per key until the line changes. None when the app's own
+        Content-Length is not n (the general path truncates or closes)."""
         if self.date is not date:
             self.date = date
             self.full = {}
-        full = self.full.get(n)
+        full = self.full.get(key)
         if full is not None:
             return full
+        n, end = (key, b"\r\n") if key >= 0 else (~key, b"connection: close\r\n\r\n")
         app_cl = self.app_cl
         if app_cl is None:
-            full = self.prefix + self.date + b"content-length: %d\r\n\r\n" % n
+            full = self.prefix + self.date + b"content-length: %d\r\n" % n + end
         elif app_cl == n:
-            full = self.prefix + self.date + b"\r\n"
+            full = self.prefix + self.date + end
         else:
             return None
         if len(self.full) < 256:
-            self.full[n] = full
+            self.full[key] = full
         return full
 
 
@@ -916,20 +931,25 @@ def _wsgi_head(status: str, headers: list[tuple[str, str]]) -> _Head:
     return _Head(int(status[:3]), "".join(out).encode("latin-1"), app_cl, app_close, has_date, list(headers))
 
 
+def _closed(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("the connection is closed")
+
+
 class WsgiProtocol(HttpProtocol):
     """PEP 3333 on top of HttpProtocol. One response at a time per connection, in request order."""
 
     __slots__ = ("app", "base_env", "code", "framing", "head_sent", "is_head", "keep", "remaining", "req_line",
-                 "resp_bytes", "resp_headers", "resp_iter", "resp_result", "rversion", "send", "sf", "start_response",
+                 "resp_bytes", "resp_headers", "resp_iter", "resp_result", "rversion", "sf", "start_response",
                  "status", "t0", "threaded", "write_cb")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
         self.app = server.app
         self.threaded = server.executor is not None
-        self.base_env: dict[str, Any] = {}
+        # Bound once, not per request; they refer back to us, so on_lost() lets go of them (see there).
         self.start_response = self._start_response
         self.write_cb = self._write_legacy
+        self.base_env: dict[str, Any] = {}
         self.status: str | None = None
         self.resp_headers: list[tuple[str, str]] = []
         self.head_sent = False
@@ -943,7 +963,6 @@ class WsgiProtocol(HttpProtocol):
         self.t0 = 0.0
         self.req_line = ""
         self.rversion = "1.1"  # the version of the request being answered (self.version: being parsed)
-        self.send: Callable[[bytes], None] = self._send_direct
         self.code = 0
         self.sf: tuple[int, int, int, int] = (0, 0, 0, 0)
 
@@ -964,7 +983,9 @@ class WsgiProtocol(HttpProtocol):
             "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
         }
         if self.threaded:
-            self.send = self._send_threadsafe
+            self.writable = threading.Event()
+            if not self.write_paused:
+                self.writable.set()
 
     # -- environ ----------------------------------------------------------------------------------------
     def build_environ(self, req: Request) -> dict[str, Any]:
@@ -1025,9 +1046,9 @@ class WsgiProtocol(HttpProtocol):
         except Exception:
             self._app_error(None)
             return
-        # Fast path, the common shape: one bytes body, a plain head, keep-alive HTTP/1.1, not HEAD.
-        # One dict lookup for the head, one for the head+Date+Content-Length bytes, one write.
-        if type(result) is list and len(result) == 1 and keep_alive and not is_head and version == "1.1":
+        # Fast path, the common shape: one bytes body, a plain head, HTTP/1.1, not HEAD.
+        # One dict lookup for the head, one for the head+Date+Content-Length(+close) bytes, one write.
+        if type(result) is list and len(result) == 1 and not is_head and version == "1.1":
             body = result[0]
             try:
                 h = server.heads.get(self.status)  # type: ignore[arg-type]
@@ -1038,7 +1059,7 @@ class WsgiProtocol(HttpProtocol):
                 return
             if h.plain and type(body) is bytes and not self.head_sent:
                 n = len(body)
-                full = h.full_head(server.date_line, n)
+                full = h.full_head(server.date_line, n if keep_alive else ~n)
                 if full is not None:
                     if not self.closed:
                         self.transport.write(full + body)
@@ -1046,7 +1067,7 @@ class WsgiProtocol(HttpProtocol):
                     self.resp_bytes = n
                     if server.access_log is not None:
                         server.access_log(self, h.code, n)
-                    self.finish(True)
+                    self.finish(keep_alive)
                     return
         self._respond(result)
 
@@ -1174,6 +1195,11 @@ class WsgiProtocol(HttpProtocol):
             self.resp_result = None
             self.busy = False
             self.server.in_flight -= 1
+        if not self.busy:
+            # Break the self -> bound method -> self cycles so that a closed connection is freed by reference
+            # counting (with the parser, -44% instructions per Connection: close request). An app that kept
+            # these callables still holds them; only a request not yet started (a busy thread) reads the slots.
+            self.start_response = self.write_cb = _closed
 
     # -- response framing -------------------------------------------------------------------------------
     def _lookup_head(self) -> _Head:
@@ -1213,17 +1239,18 @@ class WsgiProtocol(HttpProtocol):
             self.send(self._frame(data))
 
     # -- sending ------------------------------------------------------------------------------------------
-    def _send_direct(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
+        if not self.threaded or threading.get_ident() == self.server.loop_thread:
+            if not self.closed:
+                self.transport.write(data)
+            return
+        self.writable.wait(self.limits.body_timeout)  # type: ignore[union-attr]  # made in setup() when threaded
+        if not self.closed:
+            self.loop.call_soon_threadsafe(self._write_now, data)
+
+    def _write_now(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
-
-    def _send_threadsafe(self, data: bytes) -> None:
-        if threading.get_ident() == self.server.loop_thread:
-            self._send_direct(data)
-            return
-        self.writable.wait(self.limits.body_timeout)
-        if not self.closed:
-            self.loop.call_soon_threadsafe(self._send_direct, data)
 
     def _try_sendfile(self, wrapper: FileWrapper) -> bool:
         """Send a real file with os.sendfile (zero copy); False if it is not a plain file."""

@@ -132,6 +132,12 @@ def test_response_heads_are_cached_per_headers_and_honour_the_apps_content_lengt
                                            b"GET /kind/e?3 HTTP/1.1\r\nHost: h\r\n\r\n", n=2)
     assert ok[2] == b"body-d" and ok[1]["content-length"] == "6" and "connection" not in ok[1]
     assert short[2] == b"bod" and closed
+    # Connection: close gets the same head plus `connection: close`, cached apart from the kept variant.
+    for close in (True, False, True):
+        raw = b"GET /kind/f HTTP/1.1\r\nHost: h\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n"
+        (res,), _ = ask(asgi_engine, raw + (b"" if close else b"GET /kind/f HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+        assert res[2] == b"body-f" and res[1]["content-length"] == "6"
+        assert (res[1].get("connection") == "close") == close, (close, res[1])
 
 
 def test_pipelining_in_order_and_keepalive(asgi_engine: AsgiEngine) -> None:

@@ -535,3 +535,61 @@ def test_threads_pipelining_and_streaming(engine: Callable[..., Engine]) -> None
     reqs = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 5
     st, bodies, _ = exchange(e, reqs, n=5)
     assert st == [200] * 5 and set(bodies) == {b"part0;part1;part2;"}
+
+
+def test_close_and_keepalive_heads_are_cached_apart(engine: Callable[..., Engine]) -> None:
+    """The compiled-head cache keeps the `connection: close` variant of a head apart from the kept one."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/cl":
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        else:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hello"]
+
+    e = engine(app, validate=False)
+    for path in ("/", "/cl"):
+        for close in (True, False, True, False):
+            req = f"GET {path} HTTP/1.1\r\nHost: a\r\n{'Connection: close' if close else 'X-A: 1'}\r\n\r\n"
+            with e.connect() as s:
+                s.sendall(req.encode())
+                r = Reader(s)
+                st, headers, body = r.response()
+                s.settimeout(2)
+                assert (st, body, headers["content-length"]) == (200, b"hello", "5"), (path, close)
+                assert (headers.get("connection") == "close") == close, (path, close, headers)
+                if close:
+                    assert r.closed(), path
+                else:  # still open: answers the next request
+                    s.sendall(req.encode())
+                    assert r.response()[0] == 200
+
+
+def test_closed_connections_are_freed_by_reference_counting(engine: Callable[..., Engine]) -> None:
+    """A closed connection holds no reference cycle (parser <-> protocol, bound methods kept on it), so it is
+    freed when uvloop lets go of it, not by the cyclic collector later."""
+    import gc
+
+    from clusterctl.engine import WsgiProtocol
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    def alive() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is WsgiProtocol)
+
+    e = engine(app, validate=False)
+    assert exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")[0] == [200]
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive()
+        for i in range(20):
+            keep = i % 2  # the client closes a kept connection, or the server closes after the response
+            st, _, _ = exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\n" + (b"\r\n" if keep else b"Connection: close\r\n\r\n"))
+            assert st == [200]
+        time.sleep(0.2)  # the loop runs connection_lost for the last ones
+        assert alive() - before <= 1
+    finally:
+        gc.enable()
