@@ -294,3 +294,43 @@ def test_units_dir_matches_templates(tmp_path: Path) -> None:
 def test_error_type_is_user_facing() -> None:
     err = ClusterctlError("bad thing", "do this")
     assert str(err) == "bad thing (fix: do this)"
+
+
+# --- the header's regenerate command --------------------------------------------------------------
+
+# A value other than the default for every option of build_plan that a user sets (check/budget are not
+# options of the plan; --workers auto is resolved, so a number stands for it).
+NON_DEFAULT = {
+    "app": "myapp:app", "name": "web", "workers": "3", "listen": ("127.0.0.1:9001", "unix:/run/web.sock"),
+    "balance": "reuseport", "user": "www-data", "working_dir": "/srv", "python": "/usr/bin/python3",
+    "env": ("A=1", "B=two words %x"), "memory_max": "512M", "memory_high": "400M", "cpu_quota": "150%",
+    "tasks_max": "64", "harden": True, "rw_path": ("/var/lib/web",), "protect_home": "tmpfs", "allow_wx": True,
+    "backlog": 512, "drain_timeout": 7, "watchdog_sec": 0, "interface": "asgi", "ws_max_size": 4096,
+    "ws_per_message_deflate": False, "ws_ping_interval": 5.0, "ws_ping_timeout": 2.5, "every": "30s",
+    "task": "myapp:app",
+}
+
+
+def _replan(command: str) -> object:
+    """The plan that the header's command builds, through the CLI's own option parsing."""
+    from clusterctl.cli.generate import generate as generate_command
+    from clusterctl.cli.generate import plan_from_options
+
+    words = shlex.split(command)
+    assert words[:2] == ["clusterctl", "generate"]
+    ctx = generate_command.make_context("generate", [*words[2:], "--no-check-import"])
+    return plan_from_options(dict(ctx.params))
+
+
+@pytest.mark.parametrize("options", [{"app": "myapp:app", "workers": "2"}, NON_DEFAULT,
+                                     {**NON_DEFAULT, "harden": False, "protect_home": "read-only"}],
+                         ids=["defaults", "every-option", "no-harden"])
+def test_header_command_rebuilds_the_same_plan(appdir: Path, options: dict[str, object]) -> None:
+    import inspect
+
+    settable = set(inspect.signature(build_plan).parameters) - {"check", "budget"}
+    assert set(NON_DEFAULT) == settable, "a new build_plan option: give it a non-default value here"
+    plan = build_plan(**options, check=False)  # type: ignore[arg-type]
+    header = gen.render(plan)[f"{plan.name}@.service"].splitlines()[1]
+    assert header.startswith("# clusterctl generate ")
+    assert _replan(header[2:]) == plan
