@@ -1061,7 +1061,11 @@ class WsgiProtocol(HttpProtocol):
                 return
             if h.plain and type(body) is bytes and not self.head_sent:
                 n = len(body)
-                full = h.full_head(server.date_line, n if keep_alive else ~n)
+                key = n if keep_alive else ~n
+                # The cached head under the current Date line, without a call; full_head() fills the cache.
+                full = h.full.get(key) if h.date is server.date_line else None
+                if full is None:
+                    full = h.full_head(server.date_line, key)
                 if full is not None:
                     if not self.closed:
                         self.transport.write(full + body)
