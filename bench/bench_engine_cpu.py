@@ -127,7 +127,23 @@ def drive(scenario: str, n: int, access_log: bool) -> float:
     reads = max(1, n // per)
     flush = access.flush if access is not None else None
     t0 = time.process_time()
-    if asgi:
+    if scenario.endswith("close"):  # a connection per request
+        import asyncio
+
+        new, lost = server.protocol, type(proto).connection_lost
+
+        async def connections() -> FakeTransport:
+            for _ in range(reads):
+                conn = new()
+                t = FakeTransport()
+                conn.connection_made(t)
+                conn.data_received(data)
+                if asgi:
+                    await asyncio.sleep(0)
+                lost(conn, None)
+            return t
+        transport = server.loop.run_until_complete(connections())
+    elif asgi:
         import asyncio
 
         async def turns() -> None:
@@ -138,15 +154,6 @@ def drive(scenario: str, n: int, access_log: bool) -> float:
                 if flush is not None and i & 63 == 63:
                     flush()
         server.loop.run_until_complete(turns())
-    elif scenario.endswith("close"):
-        new, lost = server.protocol, type(proto).connection_lost
-        for _ in range(reads):
-            conn = new()
-            t = FakeTransport()
-            conn.connection_made(t)
-            conn.data_received(data)
-            lost(conn, None)
-        transport = t
     else:
         for i in range(reads):
             feed(data)
