@@ -414,6 +414,14 @@ def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, heal
             before = {u: _main_pid(sd, u) for u in units}
             t1 = time.monotonic()
             try:
+                if inst.balance == "reuseport" and size < inst.workers:
+                    # As in scale-down: close systemd's copy of the batch's own sockets first (the workers keep
+                    # theirs and accept on). When a worker exits, its socket leaves the SO_REUSEPORT group, so
+                    # new connections go to the other workers' sockets instead of waiting for the restart (and
+                    # what was queued on it moves over with net.ipv4.tcp_migrate_req=1); the restart's start
+                    # job opens a fresh socket through Requires=.
+                    sd.systemctl("stop", "--job-mode=ignore-dependencies", *(inst.socket(i) for i in group),
+                                 timeout=timeout)
                 _restart(sd, units, timeout)
                 if health_url:
                     _wait_health(sd, inst, health_url, timeout)

@@ -133,6 +133,26 @@ def test_restart_all_at_once_loses_nothing(cluster: Cluster) -> None:
     assert set(cluster.show("MainPID")).isdisjoint(pids)
 
 
+def test_clusterctl_reload_under_load_loses_nothing(cluster: Cluster) -> None:
+    """`clusterctl reload`: shared, a surge instance first; reuseport, each worker's own socket unit stopped
+    before its restart (the worker keeps accepting on its copy until it exits): no request is lost either way."""
+    if cluster.balance == "reuseport":
+        sb.netexec(cluster.sandbox, ["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"])
+    pids = cluster.show("MainPID")
+    said: list[str] = []
+    with Load(cluster.sandbox, cluster.port, threads=4, rate=400) as load:
+        load.wait_for(40)
+        ops.reload(cluster.sd, cluster.name, progress=said.append)
+        load.wait_for(load.result.total + 40)
+    assert load.result.errors == []
+    assert load.result.ok >= 80
+    assert set(cluster.show("MainPID")).isdisjoint(pids)
+    assert said[-1].startswith(f"{cluster.name}: {cluster.workers}/{cluster.workers} instances on the new code")
+    sockets = [f"{cluster.name}.socket"] if cluster.balance == "shared" else [
+        f"{cluster.name}-listen@{i}.socket" for i in range(1, cluster.workers + 1)]
+    assert [r["ActiveState"] for r in cluster.sd.show(sockets, ("ActiveState",))] == ["active"] * len(sockets)
+
+
 def test_scale_up_and_down_under_load_loses_nothing(cluster: Cluster) -> None:
     """Scaling down drains the leaving workers; with reuseport their own sockets close first, and the kernel
     hands what is still queued to the others (net.ipv4.tcp_migrate_req=1, as the README says to set)."""
