@@ -133,6 +133,7 @@ class Server:
         self.date_line = b""
         self.head_cache: dict[Any, Any] = {}  # (status, headers) -> compiled head (engine adapters' own)
         self.heads: dict[str, Any] = {}  # status -> the last head compiled for it
+        self.env_bases: dict[Any, dict[str, Any]] = {}  # WSGI: local address -> the environ's fixed part
         self.listeners: list[asyncio.AbstractServer] = []
         self.loop_thread = threading.get_ident()
         self.recycle_at = -1  # served count at which on_recycle fires (--max-requests)
@@ -971,23 +972,34 @@ class WsgiProtocol(HttpProtocol):
     def setup(self, transport: Any) -> None:
         sockname = transport.get_extra_info("sockname")
         peer = transport.get_extra_info("peername")
-        if isinstance(sockname, tuple):
-            server_name, server_port = str(sockname[0]), str(sockname[1])
-        else:
-            server_name, server_port = "localhost", "0"
-        remote_addr, remote_port = (str(peer[0]), str(peer[1])) if isinstance(peer, tuple) else ("", "")
-        self.base_env = {
-            "SERVER_NAME": server_name, "SERVER_PORT": server_port, "REMOTE_ADDR": remote_addr,
-            "REMOTE_PORT": remote_port, "SCRIPT_NAME": "", "SERVER_SOFTWARE": "clusterctl",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-            "wsgi.multithread": self.threaded, "wsgi.multiprocess": True, "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
-        }
+        bases = self.server.env_bases
+        base = bases.get(sockname)
+        if base is None:  # once per local address: a copy of it is cheaper than a 16-key dict per connection
+            base = self._env_base(sockname)
+            if len(bases) < 64:
+                bases[sockname] = base
+        self.base_env = env = base.copy()
+        if isinstance(peer, tuple):
+            env["REMOTE_ADDR"] = str(peer[0])
+            env["REMOTE_PORT"] = str(peer[1])
         if self.threaded:
             self.writable = threading.Event()
             if not self.write_paused:
                 self.writable.set()
+
+    def _env_base(self, sockname: Any) -> dict[str, Any]:
+        """The environ keys that are the same for every connection to one local address."""
+        if isinstance(sockname, tuple):
+            server_name, server_port = str(sockname[0]), str(sockname[1])
+        else:
+            server_name, server_port = "localhost", "0"
+        return {
+            "SERVER_NAME": server_name, "SERVER_PORT": server_port, "REMOTE_ADDR": "", "REMOTE_PORT": "",
+            "SCRIPT_NAME": "", "SERVER_SOFTWARE": "clusterctl", "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": self.threaded, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
+        }
 
     # -- environ ----------------------------------------------------------------------------------------
     def build_environ(self, req: Request) -> dict[str, Any]:
