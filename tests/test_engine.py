@@ -646,3 +646,24 @@ def test_requests_split_at_every_byte_parse_the_same() -> None:
         assert answers([raw[i:i + 1] for i in range(len(raw))]) == whole
     finally:
         loop.close()
+
+
+def test_environ_names_both_ends_of_each_connection(engine: Callable[..., Engine]) -> None:
+    """SERVER_NAME/PORT from the local address, REMOTE_ADDR/PORT from each connection's own peer (the fixed
+    part of the environ is shared per local address; the peer's part must not leak between connections)."""
+    seen: list[tuple[str, ...]] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        seen.append(tuple(environ[k] for k in ("SERVER_NAME", "SERVER_PORT", "REMOTE_ADDR", "REMOTE_PORT")))
+        environ["REMOTE_PORT"] = "spoiled by the app"  # an app may write its environ; the next one is fresh
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    e = engine(app)
+    a, b = e.connect(), e.connect()
+    with a, b:
+        for s in (a, b, a, b):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert Reader(s).response()[0] == 200
+        ports = [str(s.getsockname()[1]) for s in (a, b, a, b)]
+    assert seen == [("127.0.0.1", str(e.port), "127.0.0.1", p) for p in ports]
