@@ -382,7 +382,8 @@ def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, heal
     With the shared socket a surge instance NAME@N+1 starts first on the new code: if it does not come
     up, it is stopped and every instance is left untouched on the old code. Each `systemctl restart` of
     a Type=notify unit returns only after the new process sent READY=1; the first batch that fails stops
-    the reload, leaving the instances after it on the old code.
+    the reload, leaving the instances after it on the old code. With reuseport sockets each batch's own
+    socket units are stopped first, so their workers' queues leave the kernel's group while they restart.
     """
     sd.check()
     inst = installed(sd, name)
