@@ -306,6 +306,14 @@ def parse_size(value: str | None, option: str) -> str | None:
     return value
 
 
+def parse_bytes(value: str, option: str) -> int:
+    """A byte count: plain bytes, or with K, M or G (x1024, as systemd reads sizes; `16M`, `16MiB`)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:([KMG])(?:iB|B)?|B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise ClusterctlError(f"{option} {value!r} is not a size in bytes", f"e.g. {option} 1048576 or {option} 1M")
+    return int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
+
+
 def parse_percent(value: str | None, option: str) -> str | None:
     if value is None:
         return None

@@ -136,6 +136,22 @@ def test_ws_options_reach_exec_start_only_when_they_differ(appdir: Path) -> None
     assert argv[-2:] == ["--ws-ping-interval", "30"]
 
 
+@pytest.mark.parametrize(("value", "size"), [("1048576", 1048576), ("1M", 1048576), ("16MiB", 16 * 1024 * 1024),
+                                             ("64k", 65536), ("2G", 2 * 1024 ** 3), ("512B", 512)])
+def test_ws_max_size_takes_sizes_with_units(appdir: Path, value: str, size: int) -> None:
+    code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "1", "--ws-max-size", value,
+                         "--no-verify")
+    assert code == 0, out
+    svc = (appdir / "units/web/web@.service").read_text()
+    assert (f"--ws-max-size {size}\n" in svc) == (size != 16 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("value", ["16X", "1.5M", "-1", "M", ""])
+def test_ws_max_size_refuses_what_is_not_a_size(appdir: Path, value: str) -> None:
+    code, out = generate("--app", "myapp:app", "--ws-max-size", value, "--no-verify")
+    assert code == 2 and "is not a size in bytes" in out and "--ws-max-size 1M" in out, out
+
+
 def test_ws_options_on_a_wsgi_app_warn(appdir: Path) -> None:
     plan = build_plan(app="myapp:app", interface="wsgi", ws_ping_interval=5, check=False)
     assert any("--ws-* options apply to ASGI apps only" in w for w in plan.warnings)

@@ -10,6 +10,7 @@ import click
 
 from clusterctl import generate as gen
 from clusterctl.cli import cli
+from clusterctl.errors import ClusterctlError
 from clusterctl.plan import (
     BACKLOG,
     DRAIN_TIMEOUT,
@@ -20,7 +21,23 @@ from clusterctl.plan import (
     WS_PING_TIMEOUT,
     Plan,
     build_plan,
+    parse_bytes,
 )
+
+
+class _Bytes(click.ParamType):
+    """A size in bytes, with K, M or G allowed (`16M`)."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(str(value), f"--{param.name.replace('_', '-')}" if param and param.name else "size")
+        except ClusterctlError as e:
+            self.fail(str(e), param, ctx)
+
 
 _PLAN_OPTIONS = [
     click.option("--app", required=True, metavar="MODULE:CALLABLE", help="The WSGI app, e.g. myproject.wsgi:application."),
@@ -54,8 +71,8 @@ _PLAN_OPTIONS = [
                  help="Kill a worker whose event loop is blocked this long (0: off)."),
     click.option("--interface", type=click.Choice(["auto", "wsgi", "asgi"]), default="auto", show_default=True,
                  help="The app's interface: auto detects WSGI, ASGI 3 or ASGI 2 when the worker imports it."),
-    click.option("--ws-max-size", type=int, default=WS_MAX_SIZE, show_default=True, metavar="BYTES",
-                 help="ASGI WebSockets: largest message; a larger one closes the connection with 1009."),
+    click.option("--ws-max-size", type=_Bytes(), default=WS_MAX_SIZE, show_default=True, metavar="BYTES",
+                 help="ASGI WebSockets: largest message (bytes; K, M, G allowed); a larger one closes with 1009."),
     click.option("--ws-per-message-deflate/--no-ws-per-message-deflate", default=WS_DEFLATE, show_default=True,
                  help="ASGI WebSockets: accept permessage-deflate compression when the client offers it."),
     click.option("--ws-ping-interval", type=float, default=WS_PING_INTERVAL, show_default=True, metavar="SECONDS",
