@@ -149,7 +149,8 @@ def test_ws_max_size_takes_sizes_with_units(appdir: Path, value: str, size: int)
 @pytest.mark.parametrize("value", ["16X", "1.5M", "-1", "M", ""])
 def test_ws_max_size_refuses_what_is_not_a_size(appdir: Path, value: str) -> None:
     code, out = generate("--app", "myapp:app", "--ws-max-size", value, "--no-verify")
-    assert code == 2 and "is not a size in bytes" in out and "--ws-max-size 1M" in out, out
+    assert code == 2 and out.startswith("Error: --ws-max-size") and "is not a size in bytes" in out, out
+    assert "--ws-max-size 1M" in out and len(out.strip().splitlines()) == 1, out
 
 
 def test_ws_options_on_a_wsgi_app_warn(appdir: Path) -> None:
@@ -237,7 +238,8 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--cpu-quota", "0"], "is not a positive percentage"),
     (["--app", "myapp:app", "--user", "Bad User"], "is not a valid user name"),
     (["--app", "myapp:app", "--drain-timeout", "0"], "--drain-timeout 0 is out of range"),
-    (["--app", "myapp:app", "--ws-max-size", "-1"], "--ws-max-size -1 is not a positive number of bytes"),
+    (["--app", "myapp:app", "--ws-max-size", "-1"], "--ws-max-size '-1' is not a size in bytes"),
+    (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
     (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
     (["--app", "myapp:app", "--ws-ping-interval", "-5"], "--ws-ping-interval -5 is out of range"),
     (["--app", "myapp:app", "--ws-ping-interval", "nan"], "--ws-ping-interval nan is out of range"),

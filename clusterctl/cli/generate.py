@@ -10,7 +10,6 @@ import click
 
 from clusterctl import generate as gen
 from clusterctl.cli import cli
-from clusterctl.errors import ClusterctlError
 from clusterctl.plan import (
     BACKLOG,
     DRAIN_TIMEOUT,
@@ -33,10 +32,8 @@ class _Bytes(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        try:
-            return parse_bytes(str(value), f"--{param.name.replace('_', '-')}" if param and param.name else "size")
-        except ClusterctlError as e:
-            self.fail(str(e), param, ctx)
+        # A ClusterctlError goes up as it is: the CLI prints it as one `Error: ... (fix: ...)` line.
+        return parse_bytes(str(value), f"--{param.name.replace('_', '-')}" if param and param.name else "size")
 
 
 _PLAN_OPTIONS = [
