@@ -240,7 +240,6 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--drain-timeout", "0"], "--drain-timeout 0 is out of range"),
     (["--app", "myapp:app", "--ws-max-size", "-1"], "--ws-max-size '-1' is not a size in bytes"),
     (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
-    (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
     (["--app", "myapp:app", "--ws-ping-interval", "-5"], "--ws-ping-interval -5 is out of range"),
     (["--app", "myapp:app", "--ws-ping-interval", "nan"], "--ws-ping-interval nan is out of range"),
     (["--app", "myapp:app", "--ws-ping-interval", "7200"], "--ws-ping-interval 7200 is out of range"),
