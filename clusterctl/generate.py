@@ -59,7 +59,7 @@ def worker_argv(plan: Plan) -> list[str]:
             "--instance", "%i", "--drain-timeout", str(plan.drain_timeout), "--backlog", str(plan.backlog)]
     if plan.interface != "auto":  # auto is the worker's default: units stay as they were
         argv += ["--interface", plan.interface]
-    return argv + plan.ws_args  # likewise: only the WebSocket settings that differ from the defaults
+    return argv + plan.ws_args + list(plan.worker_args)  # likewise: only the WebSocket settings that differ
 
 
 def task_argv(plan: Plan) -> list[str]:
@@ -99,6 +99,8 @@ def generate_command(plan: Plan) -> str:
                                     ("--watchdog-sec", plan.watchdog_sec, WATCHDOG_SEC)):
         if number != default:
             argv += [option, str(number)]
+    if plan.worker_args:
+        argv += ["--worker-args", shlex.join(plan.worker_args)]
     if plan.task:
         argv += ["--every", str(plan.every), "--task", plan.task]
     return shlex.join(argv + plan.ws_args)

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Literal
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError
 from clusterctl.proc import run
-from clusterctl.worker import WorkerConfig, ws_problem
+from clusterctl.worker import WorkerConfig, extra_args_problem, ws_problem
 
 Balance = Literal["shared", "reuseport"]
 ProtectHome = Literal["no", "read-only", "tmpfs", "yes"]
@@ -108,6 +109,8 @@ class Plan:
     ws_per_message_deflate: bool = WS_DEFLATE
     ws_ping_interval: float = WS_PING_INTERVAL
     ws_ping_timeout: float = WS_PING_TIMEOUT
+    # Further worker options for ExecStart= (--worker-args), checked by the worker's own parser.
+    worker_args: tuple[str, ...] = ()
     # The periodic primary task (NAME-task.timer + NAME-task.service): MODULE:FUNC and its interval.
     task: str | None = None
     every: str | None = None
@@ -312,6 +315,20 @@ def parse_bytes(value: str, option: str) -> int:
     if not m:
         raise ClusterctlError(f"{option} {value!r} is not a size in bytes", f"e.g. {option} 1048576 or {option} 1M")
     return int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
+
+
+def parse_worker_args(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """--worker-args, each a string of worker options split as a shell would (no shell runs it)."""
+    words: list[str] = []
+    for value in values:
+        try:
+            words += shlex.split(value)
+        except ValueError as e:
+            raise ClusterctlError(f"--worker-args {value!r}: {e}", "quote the way a shell does") from e
+    bad = extra_args_problem(words)
+    if bad:
+        raise ClusterctlError(*bad)
+    return tuple(words)
 
 
 def parse_percent(value: str | None, option: str) -> str | None:
@@ -526,6 +543,7 @@ def build_plan(
     ws_per_message_deflate: bool = WS_DEFLATE,
     ws_ping_interval: float = WS_PING_INTERVAL,
     ws_ping_timeout: float = WS_PING_TIMEOUT,
+    worker_args: tuple[str, ...] | list[str] = (),
     every: str | None = None,
     task: str | None = None,
     check: bool = True,
@@ -551,6 +569,7 @@ def build_plan(
     bad = ws_problem(ws_max_size, ws_ping_interval, ws_ping_timeout)
     if bad:
         raise ClusterctlError(*bad)
+    extra = parse_worker_args(worker_args)
     task, every = parse_task(task, every)
     py = resolve_python(python)
     wd = resolve_working_dir(working_dir)
@@ -579,7 +598,8 @@ def build_plan(
         harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
         backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, task=task, every=every,
         interface=interface, ws_max_size=ws_max_size, ws_per_message_deflate=ws_per_message_deflate,
-        ws_ping_interval=float(ws_ping_interval), ws_ping_timeout=float(ws_ping_timeout), cpu_budget=budget,
+        ws_ping_interval=float(ws_ping_interval), ws_ping_timeout=float(ws_ping_timeout), worker_args=extra,
+        cpu_budget=budget,
         warnings=tuple(warnings),
     )
     if check:

@@ -162,6 +162,33 @@ def ws_problem(max_size: int, ping_interval: float, ping_timeout: float) -> tupl
     return None
 
 
+# Set by `clusterctl generate` from its own options; --worker-args may not repeat them.
+GENERATE_OWNS = {"--app": "--app", "--name": "--name", "--instance": "(the unit's %i)",
+                 "--drain-timeout": "--drain-timeout", "--backlog": "--backlog", "--interface": "--interface",
+                 "--bind": "--listen", "--ws-max-size": "--ws-max-size",
+                 "--ws-per-message-deflate": "--[no-]ws-per-message-deflate",
+                 "--no-ws-per-message-deflate": "--[no-]ws-per-message-deflate",
+                 "--ws-ping-interval": "--ws-ping-interval", "--ws-ping-timeout": "--ws-ping-timeout"}
+
+
+def extra_args_problem(words: list[str]) -> tuple[str, str] | None:
+    """Why the worker would refuse these options in a unit's ExecStart= (as (what, fix)), or None: the check
+    behind `clusterctl generate --worker-args`, so a typo fails there and not at the workers' start."""
+    for word in words:
+        flag = word.partition("=")[0]
+        if flag in GENERATE_OWNS:
+            return (f"--worker-args {flag}: generate sets it itself",
+                    f"use clusterctl generate {GENERATE_OWNS[flag]} instead")
+    parsed = _parse_plain(["--app", "m:a", *words])
+    if parsed is None or parsed["app"] != "m:a":
+        return (f"--worker-args {' '.join(words)!r} is not understood by the worker",
+                "give full option names with plain values, e.g. --worker-args '--threads 8 --max-requests 1000' "
+                "(python -m clusterctl.worker --help lists them)")
+    if parsed.get("loop", "uvloop") not in ("uvloop", "asyncio"):
+        return (f"--worker-args --loop {parsed['loop']!r} is not an event loop", "use --loop uvloop or --loop asyncio")
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     args = sys.argv[1:] if argv is None else argv
     fast = _parse_plain(args)

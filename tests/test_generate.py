@@ -153,6 +153,18 @@ def test_ws_max_size_refuses_what_is_not_a_size(appdir: Path, value: str) -> Non
     assert "--ws-max-size 1M" in out and len(out.strip().splitlines()) == 1, out
 
 
+def test_worker_args_reach_the_workers_parser(appdir: Path) -> None:
+    """--worker-args land at the end of ExecStart= and mean there what the worker's own parser says."""
+    from clusterctl import worker
+
+    plan = build_plan(app="myapp:app", name="web", workers="1", check=False,
+                      worker_args=["--threads 8 --max-requests=1000", "--keepalive-timeout 75 --no-access-log"])
+    line = next(x for x in gen.render(plan)["web@.service"].splitlines() if x.startswith("ExecStart="))
+    cfg = worker.parse_args(shlex.split(line.removeprefix("ExecStart=").replace("%i", "1"))[3:])
+    assert (cfg.app, cfg.instance, cfg.threads, cfg.max_requests, cfg.keepalive_timeout, cfg.access_log) == (
+        "myapp:app", "1", 8, 1000, 75.0, False)
+
+
 def test_ws_options_on_a_wsgi_app_warn(appdir: Path) -> None:
     plan = build_plan(app="myapp:app", interface="wsgi", ws_ping_interval=5, check=False)
     assert any("--ws-* options apply to ASGI apps only" in w for w in plan.warnings)
@@ -239,6 +251,13 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--user", "Bad User"], "is not a valid user name"),
     (["--app", "myapp:app", "--drain-timeout", "0"], "--drain-timeout 0 is out of range"),
     (["--app", "myapp:app", "--ws-max-size", "-1"], "--ws-max-size '-1' is not a size in bytes"),
+    (["--app", "myapp:app", "--worker-args", "--threds 8"], "--worker-args '--threds 8' is not understood by the worker"),
+    (["--app", "myapp:app", "--worker-args", "--threads"], "is not understood by the worker"),
+    (["--app", "myapp:app", "--worker-args", "--threads -1"], "is not understood by the worker"),
+    (["--app", "myapp:app", "--worker-args", "--bind 0.0.0.0:80"], "--worker-args --bind: generate sets it itself"),
+    (["--app", "myapp:app", "--worker-args", "--app=other:app"], "--worker-args --app: generate sets it itself"),
+    (["--app", "myapp:app", "--worker-args", "--loop tokio"], "is not an event loop"),
+    (["--app", "myapp:app", "--worker-args", "'--threads 8"], "No closing quotation"),
     (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
     (["--app", "myapp:app", "--ws-ping-interval", "-5"], "--ws-ping-interval -5 is out of range"),
     (["--app", "myapp:app", "--ws-ping-interval", "nan"], "--ws-ping-interval nan is out of range"),
@@ -324,6 +343,7 @@ NON_DEFAULT = {
     "tasks_max": "64", "harden": True, "rw_path": ("/var/lib/web",), "protect_home": "tmpfs", "allow_wx": True,
     "backlog": 512, "drain_timeout": 7, "watchdog_sec": 0, "interface": "asgi", "ws_max_size": 4096,
     "ws_per_message_deflate": False, "ws_ping_interval": 5.0, "ws_ping_timeout": 2.5, "every": "30s",
+    "worker_args": ("--threads 4 --max-requests=500", "--keepalive-timeout 75 --no-access-log"),
     "task": "myapp:app",
 }
 

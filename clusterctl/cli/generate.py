@@ -76,6 +76,9 @@ _PLAN_OPTIONS = [
                  help="ASGI WebSockets: send a keepalive ping this often (0: no pings)."),
     click.option("--ws-ping-timeout", type=float, default=WS_PING_TIMEOUT, show_default=True, metavar="SECONDS",
                  help="ASGI WebSockets: close with 1011 when nothing came back this long after a ping."),
+    click.option("--worker-args", multiple=True, metavar="'OPTIONS'",
+                 help="More worker options for ExecStart=, checked by the worker's parser, e.g. "
+                      "--worker-args '--threads 8 --max-requests 1000 --keepalive-timeout 75'; repeatable."),
     click.option("--every", metavar="SPAN",
                  help="Run --task this often (a systemd time span: 10s, 5min); NAME-task.timer + NAME-task.service."),
     click.option("--task", metavar="MODULE:FUNC",
@@ -97,7 +100,7 @@ def plan_from_options(options: dict[str, Any]) -> Plan:
     keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
             "backlog", "drain_timeout", "watchdog_sec", "interface", "ws_max_size", "ws_per_message_deflate",
-            "ws_ping_interval", "ws_ping_timeout", "every", "task")
+            "ws_ping_interval", "ws_ping_timeout", "worker_args", "every", "task")
     kwargs = {k: options.pop(k) for k in keys}
     plan = build_plan(**kwargs, check=options.pop("check_import"))
     for warning in plan.warnings:
