@@ -20,7 +20,7 @@ from typing import Literal
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError
 from clusterctl.proc import run
-from clusterctl.worker import WorkerConfig, extra_args_problem, ws_problem
+from clusterctl.worker import WorkerConfig, extra_args_problem, size_bytes, ws_problem
 
 Balance = Literal["shared", "reuseport"]
 ProtectHome = Literal["no", "read-only", "tmpfs", "yes"]
@@ -311,10 +311,11 @@ def parse_size(value: str | None, option: str) -> str | None:
 
 def parse_bytes(value: str, option: str) -> int:
     """A byte count: plain bytes, or with K, M or G (x1024, as systemd reads sizes; `16M`, `16MiB`)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:([KMG])(?:iB|B)?|B)?\s*", value, re.IGNORECASE)
-    if not m:
-        raise ClusterctlError(f"{option} {value!r} is not a size in bytes", f"e.g. {option} 1048576 or {option} 1M")
-    return int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
+    try:
+        return size_bytes(value)
+    except ValueError:
+        raise ClusterctlError(f"{option} {value!r} is not a size in bytes",
+                              f"e.g. {option} 1048576 or {option} 1M") from None
 
 
 def parse_worker_args(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -195,6 +195,9 @@ class Runtime:
         interval = notify.watchdog_interval()
         if interval:
             self._watchdog(interval)
+        if self.cfg.max_memory_restart > 0:
+            self._memory_check(os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC), os.sysconf("SC_PAGE_SIZE"),
+                               first=True)
         code = await self.done
         if self.lifespan is not None:
             code = await self._shutdown_lifespan(code)
@@ -228,6 +231,27 @@ class Runtime:
             self.last_status = text
             notify.notify(status=text)
         self.loop.call_later(1.0, self._status)
+
+    def _memory_check(self, statm: int, page: int, first: bool = False) -> None:
+        """--max-memory-restart: a callback on the loop, so it runs between requests (never mid-request, unlike
+        a supervisor that polls and kills); over the limit the worker drains, exits 0 and systemd starts a
+        fresh one, as with --max-requests. MemoryMax= stays the hard limit."""
+        if self.draining:
+            os.close(statm)
+            return
+        rss = int(os.pread(statm, 128, 0).split()[1]) * page
+        limit = self.cfg.max_memory_restart
+        if rss > limit:
+            os.close(statm)
+            if first:  # a fresh worker already over it would be restarted forever, once a second
+                log.error("--max-memory-restart %.1f MiB is below this worker's resident memory right after start "
+                          "(%.1f MiB): not recycling by memory (fix: raise it above what a fresh worker uses)",
+                          limit / 2**20, rss / 2**20)
+                return
+            self.drain(f"recycling: resident memory {rss / 2**20:.1f} MiB is over --max-memory-restart "
+                       f"{limit / 2**20:.1f} MiB")
+            return
+        self.loop.call_later(1.0, self._memory_check, statm, page)
 
     def _watchdog(self, interval: float) -> None:
         notify.notify(watchdog=True)

@@ -20,6 +20,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class WorkerConfig:
     max_connections: int = 2048
     max_requests: int = 0
     max_requests_jitter: int = 0
+    max_memory_restart: int = 0
     backlog: int = 4096
     loop: str = "uvloop"
     interface: str = "auto"
@@ -110,6 +112,15 @@ class WorkerConfig:
     ws_per_message_deflate: bool = True
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
+
+
+def size_bytes(text: str) -> int:
+    """A size in bytes, plain or with K, M or G (x1024, as systemd reads sizes): `16M`, `16MiB`, `512k`.
+    ValueError otherwise (as int() raises it), so both option parsers report it like any bad number."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:([KMG])(?:iB|B)?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size in bytes: {text!r}")
+    return int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
 
 
 # (flag, dest, type, help). Booleans are --X/--no-X pairs. Defaults come from WorkerConfig.
@@ -134,6 +145,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-connections", "max_connections", int, "open connections per worker (503 above)"),
     ("--max-requests", "max_requests", int, "drain and exit 0 after N requests (systemd restarts it; 0: never)"),
     ("--max-requests-jitter", "max_requests_jitter", int, "add 0..N to --max-requests so workers differ"),
+    ("--max-memory-restart", "max_memory_restart", size_bytes, "drain and exit 0 (systemd restarts "
+     "it) once resident memory passes SIZE (bytes, or with K, M, G: 512M); checked each second between "
+     "requests; 0: never"),
     ("--backlog", "backlog", int, "listen backlog re-applied to the socket (match the unit's Backlog=)"),
     ("--loop", "loop", str, "event loop: uvloop (default) or asyncio"),
     ("--ws-max-size", "ws_max_size", int, "ASGI WebSockets: largest message in bytes (closes with 1009 above)"),

@@ -158,11 +158,12 @@ def test_worker_args_reach_the_workers_parser(appdir: Path) -> None:
     from clusterctl import worker
 
     plan = build_plan(app="myapp:app", name="web", workers="1", check=False,
-                      worker_args=["--threads 8 --max-requests=1000", "--keepalive-timeout 75 --no-access-log"])
+                      worker_args=["--threads 8 --max-requests=1000", "--keepalive-timeout 75 --no-access-log",
+                                   "--max-memory-restart 512M"])
     line = next(x for x in gen.render(plan)["web@.service"].splitlines() if x.startswith("ExecStart="))
     cfg = worker.parse_args(shlex.split(line.removeprefix("ExecStart=").replace("%i", "1"))[3:])
-    assert (cfg.app, cfg.instance, cfg.threads, cfg.max_requests, cfg.keepalive_timeout, cfg.access_log) == (
-        "myapp:app", "1", 8, 1000, 75.0, False)
+    assert (cfg.app, cfg.instance, cfg.threads, cfg.max_requests, cfg.keepalive_timeout, cfg.access_log,
+            cfg.max_memory_restart) == ("myapp:app", "1", 8, 1000, 75.0, False, 512 << 20)
 
 
 def test_ws_options_on_a_wsgi_app_warn(appdir: Path) -> None:
@@ -257,6 +258,7 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--worker-args", "--bind 0.0.0.0:80"], "--worker-args --bind: generate sets it itself"),
     (["--app", "myapp:app", "--worker-args", "--app=other:app"], "--worker-args --app: generate sets it itself"),
     (["--app", "myapp:app", "--worker-args", "--loop tokio"], "is not an event loop"),
+    (["--app", "myapp:app", "--worker-args", "--max-memory-restart 5X"], "is not understood by the worker"),
     (["--app", "myapp:app", "--worker-args", "'--threads 8"], "No closing quotation"),
     (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
     (["--app", "myapp:app", "--ws-ping-interval", "-5"], "--ws-ping-interval -5 is out of range"),

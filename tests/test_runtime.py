@@ -227,6 +227,40 @@ def test_max_requests_recycles_with_exit_0(spawn: Callable[..., Worker]) -> None
     assert "recycling after 3 requests" in w.output()[1]
 
 
+GROW_APP = (
+    "kept = []\n"
+    "def app(environ, start_response):\n"
+    "    if environ['PATH_INFO'] == '/grow':\n"
+    "        kept.append(bytearray(160 << 20))  # zero-filled: touched, so resident\n"
+    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+    "    return [b'ok']\n")
+
+
+def test_max_memory_restart_recycles_with_exit_0(spawn: Callable[..., Worker], tmp_path: Path) -> None:
+    (tmp_path / "growapp.py").write_text(GROW_APP)
+    w = spawn("--app", "growapp:app", "--max-memory-restart", "128M", "--no-access-log", cwd=tmp_path)
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    assert w.request("/", sock=first).endswith(b"ok")
+    time.sleep(1.3)
+    assert w.proc.poll() is None  # a fresh worker is well under 128 MiB: it keeps serving
+    assert w.request("/grow").endswith(b"ok")  # the request completes; the check runs after it
+    assert w.proc.wait(5) == 0
+    assert "over --max-memory-restart 128.0 MiB" in w.output()[1]
+
+
+def test_max_memory_restart_below_a_fresh_worker_is_refused_not_looped(spawn: Callable[..., Worker],
+                                                                       tmp_path: Path) -> None:
+    w = spawn("--app", "examples.hello:app", "--max-memory-restart", "1M", "--no-access-log")
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    time.sleep(1.3)
+    assert w.proc.poll() is None and w.request("/", sock=first).endswith(b"Hello, world!\n")
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 0
+    assert "--max-memory-restart 1.0 MiB is below this worker's resident memory right after start" in w.output()[1]
+
+
 def test_watchdog_pings_from_the_loop(spawn: Callable[..., Worker]) -> None:
     w = spawn("--app", "examples.hello:app", "--no-access-log", env={"WATCHDOG_USEC": "200000"})
     first = connect_when_listening(w.port)
