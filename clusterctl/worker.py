@@ -114,9 +114,11 @@ class WorkerConfig:
     ws_ping_timeout: float = 20.0
 
 
-def size_bytes(text: str) -> int:
+def size_bytes(text: str | int) -> int:
     """A size in bytes, plain or with K, M or G (x1024, as systemd reads sizes): `16M`, `16MiB`, `512k`.
     ValueError otherwise (as int() raises it), so both option parsers report it like any bad number."""
+    if isinstance(text, int):  # a default, already a number
+        return text
     m = re.fullmatch(r"\s*(\d+)\s*(?:([KMG])(?:iB|B)?|B)?\s*", text, re.IGNORECASE)
     if not m:
         raise ValueError(f"not a size in bytes: {text!r}")

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from clusterctl.cli import cli
-from clusterctl.worker import OPTIONS, WorkerConfig
+from clusterctl.worker import OPTIONS, WorkerConfig, size_bytes
 
 
 def _options(func: Any) -> Any:
@@ -26,7 +26,8 @@ def _options(func: Any) -> Any:
         elif dest == "app":
             opt = click.option(flag, dest, required=True, metavar="MODULE:CALLABLE", help=text)
         else:
-            opt = click.option(flag, dest, type=typ, default=default, show_default=True, help=text)
+            opt = click.option(flag, dest, type=typ, default=default, show_default=True, help=text,
+                               metavar="SIZE" if typ is size_bytes else None)
         func = opt(func)
     return func
 
