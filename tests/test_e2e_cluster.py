@@ -71,10 +71,11 @@ class Cluster:
         pytest.fail(f"{self.name}: not all instances active: {self.show('ActiveState')}")
 
 
-def install_cluster(sandbox: sb.Sandbox, out: Path, name: str, port: int, balance: str, workers: int = 2) -> Cluster:
+def install_cluster(sandbox: sb.Sandbox, out: Path, name: str, port: int, balance: str, workers: int = 2,
+                    worker_args: tuple[str, ...] = ()) -> Cluster:
     plan = build_plan(app="examples.hello:app", name=name, workers=str(workers), listen=[f"127.0.0.1:{port}"],
                       balance=balance, working_dir=str(REPO), python=sys.executable, user=worker_user(),
-                      watchdog_sec=WATCHDOG,
+                      watchdog_sec=WATCHDOG, worker_args=worker_args,
                       check=True)
     gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)
@@ -229,3 +230,28 @@ def test_access_log_and_structured_fields_in_journal(cluster: Cluster) -> None:
     assert e["METHOD"] == "GET" and e["STATUS"] == "404"
     assert e["_SYSTEMD_UNIT"].startswith(f"{cluster.name}@")
     assert any(probe in str(h.get("MESSAGE", "")) and "404" in str(h.get("MESSAGE", "")) for h in hits)
+
+
+def test_max_memory_restart_recycles_under_systemd(sandbox: sb.Sandbox, tmp_path: Path) -> None:
+    """--worker-args '--max-memory-restart 96M' in the unit: a worker grown past it answers, drains, exits 0,
+    and systemd starts a fresh one (RestartForceExitStatus=0); the request that grew it is not lost."""
+    c = install_cluster(sandbox, tmp_path / "mem", "hello-mem", 8131, "shared", workers=1,
+                        worker_args=("--max-memory-restart 96M",))
+    try:
+        pid = c.show("MainPID")[0]
+        assert c.get("/grow?mb=128") == (200, b"holding 128 MiB\n")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and c.show("MainPID")[0] in (pid, "0"):
+            time.sleep(0.1)
+        c.wait_all_active()
+        assert c.show("MainPID")[0] != pid
+        assert c.show("NRestarts") == ["1"]
+        assert c.get("/") == (200, b"Hello, world!\n")
+        deadline = time.monotonic() + 5
+        log = ""
+        while time.monotonic() < deadline and "over --max-memory-restart" not in log:
+            log = c.sd.journalctl("-u", "hello-mem@1.service", "-o", "cat")
+            time.sleep(0.2)
+        assert "over --max-memory-restart 96.0 MiB" in log, log[-2000:]
+    finally:
+        ops.uninstall(c.sd, c.name, progress=lambda m: None)
