@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import traceback
 from typing import Any
@@ -184,6 +185,8 @@ class Runtime:
         self.inbox = messaging.Inbox.start(loop, self.cfg.instance)
         if self.lifespan is not None:
             await self.lifespan.startup()
+        if self.cfg.ready_path:
+            await self._wait_ready(self.cfg.ready_path)
         await self.server.serve(self.socks, self.cfg.backlog)
         if self.draining:  # a signal arrived while we were starting
             self.server.stop_accepting()
@@ -202,6 +205,50 @@ class Runtime:
         if self.lifespan is not None:
             code = await self._shutdown_lifespan(code)
         return code
+
+    async def _wait_ready(self, path: str) -> None:
+        """--ready-path: the app's own readiness check, asked through our engine over a socketpair (so WSGI
+        and ASGI apps, middleware included, answer it as they would a client) before the socket is served
+        and READY=1 sent. Not ready: retried every 0.5 s, said in STATUS= and the log; systemd's
+        TimeoutStartSec= bounds the wait, and a SIGTERM meanwhile ends it."""
+        attempt = 0
+        while not self.draining:
+            attempt += 1
+            answer = await self._probe(path)
+            if answer.startswith("2"):
+                log.info("ready: GET %s answered %s", path, answer)
+                return
+            if attempt == 1 or attempt % 20 == 0:
+                log.warning("not ready: GET %s answered %s; asking again every 0.5 s", path, answer)
+            notify.notify(status=f"waiting for GET {path} to answer 2xx (last: {answer})")
+            await asyncio.sleep(0.5)
+
+    async def _probe(self, path: str, timeout: float = 10.0) -> str:
+        """One GET through a fresh in-process connection: the status line's code and reason, or why not."""
+        loop = self.loop
+        ours, theirs = socket.socketpair()
+        transport = None
+        try:
+            transport, _ = await loop.connect_accepted_socket(self.server.protocol, ours)
+            theirs.setblocking(False)
+            await loop.sock_sendall(theirs, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                                    .encode())
+            head = b""
+            while b"\r\n" not in head:
+                chunk = await asyncio.wait_for(loop.sock_recv(theirs, 4096), timeout)
+                if not chunk:
+                    break
+                head += chunk
+            line = head.partition(b"\r\n")[0].decode("latin-1")
+            return line.partition(" ")[2] or "no response"
+        except (OSError, TimeoutError) as e:
+            return f"no response ({e or type(e).__name__})"
+        finally:
+            theirs.close()
+            if transport is not None:
+                transport.close()
+            else:
+                ours.close()
 
     async def _shutdown_lifespan(self, code: int) -> int:
         """Lifespan shutdown after the drain, bounded by what is left of the drain deadline."""
@@ -317,7 +364,8 @@ def run(cfg: WorkerConfig) -> int:
 
     worker_api.instance = cfg.instance
     worker_api.name = cfg.name
-    bad = worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
+    bad = (worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
+           or worker_api.ready_path_problem(cfg.ready_path))
     if bad:
         raise ClusterctlError(*bad)
     socks = take_sockets(cfg)

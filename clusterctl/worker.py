@@ -105,6 +105,7 @@ class WorkerConfig:
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_memory_restart: int = 0
+    ready_path: str = ""
     backlog: int = 4096
     loop: str = "uvloop"
     interface: str = "auto"
@@ -134,6 +135,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--bind", "bind", list, "listen on ADDR yourself (host:port, [v6]:port, unix:/path); repeatable; "
                              "for local development without systemd"),
     ("--drain-timeout", "drain_timeout", float, "seconds to finish in-flight requests after SIGTERM"),
+    ("--ready-path", "ready_path", str, "before serving and READY=1, GET PATH through the worker's own engine "
+                                        "(in-process) until it answers 2xx; default: ready once imported"),
     ("--threads", "threads", int, "run requests in a pool of N threads (0: inline on the event loop)"),
     ("--access-log", "access_log", bool, "access log lines (stdout, or the journal under systemd)"),
     ("--journal", "journal", bool, "under systemd, send access logs as structured journal entries"),
@@ -187,6 +190,12 @@ GENERATE_OWNS = {"--app": "--app", "--name": "--name", "--instance": "(the unit'
                  "--ws-ping-interval": "--ws-ping-interval", "--ws-ping-timeout": "--ws-ping-timeout"}
 
 
+def ready_path_problem(path: str) -> tuple[str, str] | None:
+    if path and (not path.startswith("/") or re.search(r"[\s\x00-\x1f\x7f#]", path)):
+        return (f"--ready-path {path!r} is not a request path", "e.g. --ready-path /health")
+    return None
+
+
 def extra_args_problem(words: list[str]) -> tuple[str, str] | None:
     """Why the worker would refuse these options in a unit's ExecStart= (as (what, fix)), or None: the check
     behind `clusterctl generate --worker-args`, so a typo fails there and not at the workers' start."""
@@ -200,6 +209,9 @@ def extra_args_problem(words: list[str]) -> tuple[str, str] | None:
         return (f"--worker-args {' '.join(words)!r} is not understood by the worker",
                 "give full option names with plain values, e.g. --worker-args '--threads 8 --max-requests 1000' "
                 "(python -m clusterctl.worker --help lists them)")
+    bad = ready_path_problem(parsed.get("ready_path", ""))
+    if bad:
+        return bad
     if parsed.get("loop", "uvloop") not in ("uvloop", "asyncio"):
         return (f"--worker-args --loop {parsed['loop']!r} is not an event loop", "use --loop uvloop or --loop asyncio")
     return None

@@ -259,6 +259,7 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--worker-args", "--app=other:app"], "--worker-args --app: generate sets it itself"),
     (["--app", "myapp:app", "--worker-args", "--loop tokio"], "is not an event loop"),
     (["--app", "myapp:app", "--worker-args", "--max-memory-restart 5X"], "is not understood by the worker"),
+    (["--app", "myapp:app", "--worker-args", "--ready-path health"], "--ready-path 'health' is not a request path"),
     (["--app", "myapp:app", "--worker-args", "'--threads 8"], "No closing quotation"),
     (["--app", "myapp:app", "--ws-max-size", "0"], "--ws-max-size 0 is not a positive number of bytes"),
     (["--app", "myapp:app", "--ws-ping-interval", "-5"], "--ws-ping-interval -5 is out of range"),

@@ -155,6 +155,49 @@ def test_ready_only_after_import_and_serving(spawn: Callable[..., Worker], tmp_p
     assert w.request("/").endswith(b"slow import ok")
 
 
+READY_APP = (
+    "import os\n"
+    "def app(environ, start_response):\n"
+    "    if environ['PATH_INFO'] == '/ready' and not os.path.exists('warm'):\n"
+    "        start_response('503 Service Unavailable', [('Content-Type', 'text/plain')])\n"
+    "        return [b'warming up']\n"
+    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+    "    return [b'served ' + environ['PATH_INFO'].encode()]\n")
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+def test_ready_path_gates_serving_and_ready(spawn: Callable[..., Worker], tmp_path: Path, interface: str) -> None:
+    """--ready-path: no READY=1 and no request served until GET PATH answers 2xx through the engine."""
+    (tmp_path / "readyapp.py").write_text(READY_APP)
+    app = "readyapp:app"
+    if interface == "asgi":
+        (tmp_path / "readyasgi.py").write_text(
+            "import os\n"
+            "async def app(scope, receive, send):\n"
+            "    if scope['type'] != 'http':\n"
+            "        return\n"
+            "    ok = scope['path'] != '/ready' or os.path.exists('warm')\n"
+            "    await send({'type': 'http.response.start', 'status': 200 if ok else 503, 'headers': []})\n"
+            "    await send({'type': 'http.response.body', 'body': b'served ' + scope['path'].encode()})\n")
+        app = "readyasgi:app"
+    w = spawn("--app", app, "--ready-path", "/ready", "--no-access-log", cwd=tmp_path)
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("STATUS=waiting for GET /ready to answer 2xx (last: 503 Service Unavailable)")
+    assert not any("READY=1" in m for m in w.notify.drain(1.0))
+    (tmp_path / "warm").write_text("")
+    w.notify.wait_for("READY=1")
+    assert w.request("/x", sock=first).endswith(b"served /x")  # queued before READY, answered after
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 0
+    assert "ready: GET /ready answered 200 OK" in w.output()[1]
+
+
+def test_ready_path_must_be_a_path(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--ready-path", "health", ssa=False)
+    assert w.proc.wait(10) == 2
+    assert "--ready-path 'health' is not a request path (fix: e.g. --ready-path /health)" in w.output()[1]
+
+
 def test_status_updates_and_access_log(spawn: Callable[..., Worker]) -> None:
     w = spawn("--app", "examples.hello:app", "--instance", "7")
     first = connect_when_listening(w.port)
