@@ -216,6 +216,42 @@ class ClusterStatus:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def to_prometheus(self) -> str:
+        """The Prometheus text exposition format (for node_exporter's textfile collector, or a scrape
+        through any HTTP server): one series per worker and metric, labelled cluster and instance;
+        a value systemd or the worker did not report is left out, not written as 0."""
+        def esc(v: str) -> str:
+            return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+        out: list[str] = []
+        cluster = f'cluster="{esc(self.name)}"'
+        out += ["# HELP clusterctl_workers Worker instances the cluster is configured with.",
+                "# TYPE clusterctl_workers gauge", f"clusterctl_workers{{{cluster}}} {self.workers}"]
+        for metric, kind, text, get in _PROM_METRICS:
+            rows = [(i.instance, get(i)) for i in self.instances]
+            rows = [(inst, v) for inst, v in rows if v is not None]
+            if not rows:
+                continue
+            out += [f"# HELP clusterctl_worker_{metric} {text}", f"# TYPE clusterctl_worker_{metric} {kind}"]
+            out += [f'clusterctl_worker_{metric}{{{cluster},instance="{esc(inst)}"}} '
+                    f'{v if isinstance(v, int) else repr(float(v))}' for inst, v in rows]
+        return "\n".join(out) + "\n"
+
+
+# (metric, type, help, value of an InstanceStatus or None)
+_PROM_METRICS: list[tuple[str, str, str, Callable[[InstanceStatus], float | None]]] = [
+    ("up", "gauge", "1 when the worker's unit is active and running.",
+     lambda i: float(i.state == "active" and i.sub_state == "running")),
+    ("restarts_total", "counter", "Times systemd restarted the worker (NRestarts=).", lambda i: i.restarts),
+    ("uptime_seconds", "gauge", "Seconds since the worker's unit became active.", lambda i: i.uptime_s),
+    ("cpu_seconds_total", "counter", "CPU time of the worker's cgroup (CPUUsageNSec=).", lambda i: i.cpu_s),
+    ("memory_bytes", "gauge", "Memory of the worker's cgroup (MemoryCurrent=).", lambda i: i.memory_bytes),
+    ("requests_total", "counter", "Requests the worker served (its STATUS= line).", lambda i: i.requests),
+    ("requests_in_flight", "gauge", "Requests in progress in the worker.", lambda i: i.in_flight),
+    ("errors_total", "counter", "Requests that ended in an app error (500).", lambda i: i.errors),
+    ("websockets", "gauge", "Open WebSockets (ASGI workers).", lambda i: i.websockets),
+]
+
 
 def parse_status_text(text: str) -> tuple[int | None, int | None, int | None]:
     """(requests served, in flight, errors) from the runtime's STATUS= line."""

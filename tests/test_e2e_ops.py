@@ -74,6 +74,12 @@ def test_operations_lifecycle(sandbox: sb.Sandbox, units: Path) -> None:
     assert [(i["instance"], i["state"], i["sub_state"]) for i in st["instances"]] == [
         ("1", "active", "running"), ("2", "active", "running")]
     assert all(i["pid"] > 0 and i["memory_bytes"] and i["uptime_s"] is not None for i in st["instances"])
+    prom = clusterctl("status", NAME, "--prometheus", "--sandbox", s)
+    assert f'clusterctl_workers{{cluster="{NAME}"}} 2\n' in prom
+    for i in ("1", "2"):
+        assert f'clusterctl_worker_up{{cluster="{NAME}",instance="{i}"}} 1.0\n' in prom
+        assert re.search(rf'^clusterctl_worker_memory_bytes{{cluster="{NAME}",instance="{i}"}} [1-9][0-9]+$', prom, re.M)
+        assert f'clusterctl_worker_restarts_total{{cluster="{NAME}",instance="{i}"}} 0\n' in prom
     table = clusterctl("status", NAME, "--sandbox", s)
     assert re.search(r"^instance\s+pid\s+state\s+uptime\s+restarts\s+cpu\s+cpu%\s+memory\s+requests", table, re.M)
 

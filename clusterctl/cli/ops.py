@@ -203,13 +203,18 @@ def _print_status(st: ops.ClusterStatus) -> None:
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--prometheus", is_flag=True,
+              help="Prometheus text format (e.g. for node_exporter's textfile collector).")
 @click.option("--watch", "-w", is_flag=True, help="Refresh every 2 seconds until interrupted.")
 @click.option("--inventory", "-i", type=click.Path(path_type=Path), metavar="INV",
               help="Every host of an Ansible inventory, with host and release columns (see clusterctl deploy).")
 @target_options
-def status(name: str | None, as_json: bool, watch: bool, inventory: Path | None, sandbox: str | None,
-           user_manager: bool) -> None:
+def status(name: str | None, as_json: bool, prometheus: bool, watch: bool, inventory: Path | None,
+           sandbox: str | None, user_manager: bool) -> None:
     """One row per worker, like `pm2 ls`: pid, state, uptime, restarts, CPU, memory, requests."""
+    if prometheus and (as_json or watch or inventory is not None):
+        raise ClusterctlError("--prometheus goes alone", "drop --json/--watch/--inventory; a timer or cron job "
+                              "can rewrite a .prom file as often as it likes")
     # --- fleet: the whole inventory, through clusterctl.deploy (NAME defaults to the inventory's) ---
     if inventory is not None:
         from clusterctl.cli.deploy import print_fleet_status
@@ -221,7 +226,9 @@ def status(name: str | None, as_json: bool, watch: bool, inventory: Path | None,
     sd = _sd(sandbox, user_manager)
     while True:
         st = ops.status(sd, name)
-        if as_json:
+        if prometheus:
+            click.echo(st.to_prometheus(), nl=False)
+        elif as_json:
             click.echo(st.to_json())
         else:
             if watch:
