@@ -59,7 +59,8 @@ def worker_argv(plan: Plan) -> list[str]:
             "--instance", "%i", "--drain-timeout", str(plan.drain_timeout), "--backlog", str(plan.backlog)]
     if plan.interface != "auto":  # auto is the worker's default: units stay as they were
         argv += ["--interface", plan.interface]
-    return argv + plan.ws_args + list(plan.worker_args)  # likewise: only the WebSocket settings that differ
+    # Likewise only the --ws-* settings that differ from the defaults; then --worker-args as given.
+    return argv + plan.ws_args + list(plan.worker_args)
 
 
 def task_argv(plan: Plan) -> list[str]:
