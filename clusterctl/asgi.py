@@ -22,9 +22,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from clusterctl.engine import (
+    _CACHE_MAX,
     _F_CHUNKED,
     _F_LENGTH,
     _F_NONE,
+    _METHODS,
     _REASONS,
     _TARGETS,
     _TOKEN,
@@ -34,6 +36,7 @@ from clusterctl.engine import (
     Server,
     _canned,
     _Head,
+    _method,
     _target,
 )
 from clusterctl.errors import ClusterctlError
@@ -230,14 +233,13 @@ def _scope_target(target: bytes) -> tuple[str, bytes, bytes]:
     """(path, raw_path, query_string) of a request target, cached like the WSGI adapter's."""
     t = _TARGETS.get(target) or _target(target)
     st = (t[0].encode("latin-1").decode("utf-8", "replace"), target.partition(b"?")[0], t[1].encode("latin-1"))
-    if len(_SCOPE_TARGETS) >= 4096:
+    if len(_SCOPE_TARGETS) >= _CACHE_MAX:
         _SCOPE_TARGETS.clear()
     _SCOPE_TARGETS[target] = st
     return st
 
 
 _SCOPE_TARGETS: dict[bytes, tuple[str, bytes, bytes]] = {}
-_METHOD_STR: dict[bytes, str] = {}
 
 
 class AsgiProtocol(HttpProtocol):
@@ -314,11 +316,7 @@ class AsgiProtocol(HttpProtocol):
             return
         method, target, headers, body, _keep, version, _cl = req
         t = _SCOPE_TARGETS.get(target) or _scope_target(target)
-        m = _METHOD_STR.get(method)
-        if m is None:
-            m = method.decode("ascii")
-            if len(_METHOD_STR) < 64:
-                _METHOD_STR[method] = m
+        m = _METHODS.get(method) or _method(method)  # the cache the WSGI adapter fills too
         scope = self.base_scope.copy()
         scope["http_version"] = version
         scope["method"] = m
