@@ -47,3 +47,15 @@ def test_prometheus_text_format() -> None:
     assert ("clusterctl_worker_requests_total", "2") not in series
     assert ("clusterctl_worker_uptime_seconds", "2") not in series
     assert "websockets" not in text
+
+
+def test_prometheus_goes_alone() -> None:
+    from click.testing import CliRunner
+
+    from clusterctl.cli import cli
+
+    for extra in (["--json"], ["--watch"], ["--inventory", "hosts.ini"]):
+        result = CliRunner().invoke(cli, ["status", "web", "--prometheus", *extra])
+        assert result.exit_code != 0
+        assert result.output.strip() == ("Error: --prometheus goes alone (fix: drop --json/--watch/--inventory; "
+                                         "a timer or cron job can rewrite a .prom file as often as it likes)")
