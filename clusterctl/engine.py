@@ -12,9 +12,15 @@ Two layers, kept apart so an ASGI adapter (issue 10) can reuse the first:
   `wsgi.file_wrapper`).
 
 Lifecycle (signals, notify, drain deadline) lives in runtime.py; `Server` here only offers the hooks
-(`begin_drain`, `force_close`, counters) it needs. By default the app runs inline on the event loop:
-that is what makes it fast, and a blocked loop is what the systemd watchdog catches. `threads > 0`
-runs requests in a thread pool instead, for apps that block on I/O.
+(`begin_drain`, `force_close`, counters) it needs. By default a WSGI app runs inline on the event loop's
+thread, one request at a time, as under a sync server: that is what makes it fast. While app code runs
+the loop is hidden from it (no running loop is visible), so Django's ORM, asgiref's async_to_sync, Flask's
+async views and asyncio.run() inside a view behave as under gunicorn's sync worker. A streamed response
+(an iterable of unknown length) is sent one chunk per loop turn, so each chunk is flushed, a client that
+left is noticed and the iterable closed, and no other request's app code runs in between (the app is one
+"slot" per worker: requests that arrive meanwhile wait for it). `Server.app_req` and `Server.beats` let
+the runtime's monitor thread tell a long request (--timeout) from a stuck loop (the systemd watchdog).
+`threads > 0` runs requests in a thread pool instead, for apps that block on I/O.
 
 Hot path notes (measured in instructions per request, bench/bench_engine_cpu.py and bench/RESULTS.md):
 protocols use __slots__; header names stay as sent and go through bounded caches (HTTP-layer kind bits,
@@ -44,6 +50,12 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
+
+# asyncio's own setter (C in CPython): hides the running loop from WSGI app code for the span of a call. On
+# CPython 3.11 each call allocates a holder and asks getpid() (a system call): two per request, ~0.3 us here,
+# the measured price of apps behaving as under a sync server (bench/RESULTS.md). Restored only when the loop
+# really runs (loop.is_running() is a C attribute read), so driving a protocol outside a loop leaves none set.
+_set_running_loop = asyncio._set_running_loop  # type: ignore[attr-defined]
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -136,6 +148,16 @@ class Server:
         self.env_bases: dict[Any, dict[str, Any]] = {}  # WSGI: local address -> the environ's fixed part
         self.listeners: list[asyncio.AbstractServer] = []
         self.loop_thread = threading.get_ident()
+        # WSGI app slot (inline mode): the request whose app code runs on the loop thread right now (read by the
+        # runtime's monitor thread to name a request over --timeout), the connection whose streamed response
+        # holds the slot between loop turns, the requests waiting for it, and, with --threads, each request
+        # thread's (request, start time).
+        self.app_req: Request | None = None
+        self.app_owner: HttpProtocol | None = None
+        self.app_waiting: deque[tuple[Any, Request, bool]] = deque()
+        self.running: dict[int, tuple[Request, float]] = {}
+        self.beats = 0  # +1 per housekeeping tick: the monitor tells a blocked loop from a quiet one
+        self.app_steps = 0  # +1 per streamed chunk: the monitor times each chunk, not the whole stream
         self.recycle_at = -1  # served count at which on_recycle fires (--max-requests)
         self.on_recycle: Callable[[], None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -167,12 +189,24 @@ class Server:
                               ).encode("latin-1")
 
     def _tick(self) -> None:
+        self.beats += 1
         self.clock = now = self.loop.time()
         self._update_date()
         lim = self.limits
         for conn in list(self.connections):
             conn.check_timeout(now, lim)
         self._ticker = self.loop.call_later(self.tick_interval, self._tick)
+
+    def run_waiting(self) -> None:
+        """Requests that waited while a streamed response held the app slot, in arrival order."""
+        waiting = self.app_waiting
+        while waiting and self.app_owner is None:
+            conn, req, keep_alive = waiting.popleft()
+            if conn.closed:  # the client left while it waited: nothing to answer
+                conn.busy = False
+                self.in_flight -= 1
+                continue
+            conn.handle(req, keep_alive)
 
     # -- drain hooks for the runtime ----------------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -941,7 +975,7 @@ def _closed(*args: Any, **kwargs: Any) -> Any:
 class WsgiProtocol(HttpProtocol):
     """PEP 3333 on top of HttpProtocol. One response at a time per connection, in request order."""
 
-    __slots__ = ("app", "base_env", "code", "framing", "head_sent", "is_head", "keep", "remaining", "req_line",
+    __slots__ = ("app", "base_env", "code", "cur_req", "framing", "head_sent", "is_head", "keep", "remaining", "req_line",
                  "resp_bytes", "resp_headers", "resp_iter", "resp_result", "rversion", "sf", "start_response",
                  "status", "t0", "threaded", "write_cb")
 
@@ -961,6 +995,7 @@ class WsgiProtocol(HttpProtocol):
         self.resp_bytes = 0
         self.resp_iter: Any = None
         self.resp_result: Any = None
+        self.cur_req: Request | None = None  # the request of a response in _respond/_pump (the monitor names it)
         self.keep = True
         self.is_head = False
         self.t0 = 0.0
@@ -1034,66 +1069,107 @@ class WsgiProtocol(HttpProtocol):
 
     # -- request handling ---------------------------------------------------------------------------------
     def handle(self, req: Request, keep_alive: bool) -> None:
-        try:
-            env = self.build_environ(req)
-        except Exception:
-            log.exception("cannot build environ")
-            self.server.errors += 1
-            self.send(_canned(400))
-            self.finish(False)
-            return
-        self.status = None
-        self.head_sent = False
-        self.resp_bytes = 0
-        self.keep = keep_alive
-        self.rversion = version = req[5]
-        self.is_head = is_head = req[0] == b"HEAD"
         server = self.server
-        if server.access_log is not None:
-            self.t0 = time.perf_counter()
-            self.req_line = f"{env['REQUEST_METHOD']} {env['RAW_URI']} {env['SERVER_PROTOCOL']}"
-        if self.threaded:
-            server.executor.submit(self._run_threaded, env)  # type: ignore[union-attr]
+        if server.app_owner is not None:  # a streamed response holds the app slot: wait for it (run_waiting)
+            server.app_waiting.append((self, req, keep_alive))
             return
+        # App code sees no running loop, as under a sync server (Django's async-unsafe checks, async_to_sync,
+        # asyncio.run); the monitor thread reads app_req to name a request that outlives --timeout.
+        server.app_req = req
+        running = self.loop if self.loop.is_running() else None
+        _set_running_loop(None)
         try:
-            result = self.app(env, self.start_response)
-        except Exception:
-            self._app_error(None)
-            return
-        # Fast path, the common shape: one bytes body, a plain head, HTTP/1.1, not HEAD.
-        # One dict lookup for the head, one for the head+Date+Content-Length(+close) bytes, one write.
-        if type(result) is list and len(result) == 1 and not is_head and version == "1.1":
-            body = result[0]
             try:
-                h = server.heads.get(self.status)  # type: ignore[arg-type]
-                if h is None or h.headers != self.resp_headers:
-                    h = self._lookup_head()
+                env = self.build_environ(req)
             except Exception:
-                self._app_error(result)
+                log.exception("cannot build environ")
+                server.errors += 1
+                self.send(_canned(400))
+                self.finish(False)
                 return
-            if h.plain and type(body) is bytes and not self.head_sent:
-                n = len(body)
-                key = n if keep_alive else ~n
-                # The cached head under the current Date line, without a call; full_head() fills the cache.
-                full = h.full.get(key) if h.date is server.date_line else None
-                if full is None:
-                    full = h.full_head(server.date_line, key)
-                if full is not None:
-                    if not self.closed:
-                        self.transport.write(full + body)
-                    self.code = h.code
-                    self.resp_bytes = n
-                    if server.access_log is not None:
-                        server.access_log(self, h.code, n)
-                    self.finish(keep_alive)
+            self.status = None
+            self.head_sent = False
+            self.resp_bytes = 0
+            self.keep = keep_alive
+            self.rversion = version = req[5]
+            self.is_head = is_head = req[0] == b"HEAD"
+            if server.access_log is not None:
+                self.t0 = time.perf_counter()
+                self.req_line = f"{env['REQUEST_METHOD']} {env['RAW_URI']} {env['SERVER_PROTOCOL']}"
+            if self.threaded:
+                server.executor.submit(self._run_threaded, env, req)  # type: ignore[union-attr]
+                return
+            try:
+                result = self.app(env, self.start_response)
+            except Exception:
+                self._app_error(None)
+                return
+            # Fast path, the common shape: one bytes body, a plain head, HTTP/1.1, not HEAD.
+            # One dict lookup for the head, one for the head+Date+Content-Length(+close) bytes, one write.
+            if type(result) is list and len(result) == 1 and not is_head and version == "1.1":
+                body = result[0]
+                try:
+                    h = server.heads.get(self.status)  # type: ignore[arg-type]
+                    if h is None or h.headers != self.resp_headers:
+                        h = self._lookup_head()
+                except Exception:
+                    self._app_error(result)
                     return
-        self._respond(result)
+                if h.plain and type(body) is bytes and not self.head_sent:
+                    n = len(body)
+                    key = n if keep_alive else ~n
+                    # The cached head under the current Date line, without a call; full_head() fills the cache.
+                    full = h.full.get(key) if h.date is server.date_line else None
+                    if full is None:
+                        full = h.full_head(server.date_line, key)
+                    if full is not None:
+                        if not self.closed:
+                            self.transport.write(full + body)
+                        self.code = h.code
+                        self.resp_bytes = n
+                        if server.access_log is not None:
+                            server.access_log(self, h.code, n)
+                        self.finish(keep_alive)
+                        return
+            self.cur_req = req
+            self._respond(result)
+        finally:
+            _set_running_loop(running)
+            server.app_req = None
 
-    def _run_threaded(self, env: dict[str, Any]) -> None:
+    def _run_threaded(self, env: dict[str, Any], req: Request) -> None:
+        running = self.server.running
+        ident = threading.get_ident()
+        running[ident] = (req, time.monotonic())  # the monitor thread bounds it by --timeout
         try:
             self._run(env)
         except BaseException:  # never let a worker thread die silently
             log.exception("request thread failed")
+        finally:
+            running.pop(ident, None)
+
+    def _step(self) -> None:
+        """The next chunk of a streamed response, on a loop turn of its own, the loop hidden from the app."""
+        if self.resp_iter is None or self.resp_iter is _SENDFILE or self.closed or self.write_paused:
+            return
+        server = self.server
+        server.app_req = self.cur_req
+        server.app_steps += 1
+        running = self.loop if self.loop.is_running() else None
+        _set_running_loop(None)
+        try:
+            self._pump()
+        finally:
+            _set_running_loop(running)
+            server.app_req = None
+
+    def _release_app(self) -> None:
+        """A streamed response ended: the requests that waited for the app slot go next (a later loop turn)."""
+        server = self.server
+        if server.app_owner is self:
+            server.app_owner = None
+            if server.app_waiting:
+                self.loop.call_soon(server.run_waiting)
 
     def _start_response(self, status: str, headers: list[tuple[str, str]],
                         exc_info: Any = None) -> Callable[[bytes], None]:
@@ -1147,6 +1223,11 @@ class WsgiProtocol(HttpProtocol):
         The head waits for the first non-empty chunk (PEP 3333) and is then sent at once, chunked when
         the length is unknown: peeking further would delay streamed responses. HEAD iterates the body
         (discarding it) so it can report the same Content-Length a GET would get.
+
+        Inline (no --threads), each chunk sent ends this call and the next one comes on a later loop turn
+        (`_step`) unless the app's Content-Length is already complete: the loop flushes the chunk, sees a
+        client that left (on_lost closes the iterable, so GeneratorExit reaches a generator within a chunk
+        or two of the close) and runs its timers; the app slot stays held meanwhile.
         """
         it = self.resp_iter
         try:
@@ -1177,8 +1258,13 @@ class WsgiProtocol(HttpProtocol):
                     raise TypeError(f"response chunks must be bytes, not {type(chunk).__name__}")
                 if self.framing != _F_NONE:
                     self.send(self._frame(chunk))
+                    if not self.threaded and (self.framing != _F_LENGTH or self.remaining > 0):
+                        self.server.app_owner = self
+                        if not self.write_paused:  # else resume_writing -> on_writable -> _step
+                            self.loop.call_soon(self._step)
+                        return
                 if self.write_paused and not self.threaded:
-                    return  # resume_writing -> on_writable -> _pump
+                    return  # resume_writing -> on_writable -> _step
         except Exception:
             self._app_error(self.resp_result)
             return
@@ -1202,17 +1288,25 @@ class WsgiProtocol(HttpProtocol):
         elif self.resp_iter is _SENDFILE and self.busy:
             self._sendfile_step()
         elif self.resp_iter is not None and self.busy:
-            self._pump()
+            self._step()
         elif not self.busy:
             self.run_queue()
 
     def on_lost(self) -> None:
         if self.busy and not self.threaded and self.resp_iter is not None:
+            # The client left mid-response: close the app's iterable now (PEP 3333), the loop hidden as for
+            # any app code, and free the app slot for the requests waiting on it.
             self.resp_iter = None
-            self._close_result(self.resp_result)
+            running = self.loop if self.loop.is_running() else None
+            _set_running_loop(None)
+            try:
+                self._close_result(self.resp_result)
+            finally:
+                _set_running_loop(running)
             self.resp_result = None
             self.busy = False
             self.server.in_flight -= 1
+            self._release_app()
         if not self.busy:
             # Break the self -> bound method -> self cycles so that a closed connection is freed by reference
             # counting (with the parser, -44% instructions per Connection: close request). An app that kept
@@ -1344,6 +1438,8 @@ class WsgiProtocol(HttpProtocol):
         self.resp_result = None
         if result is not None and type(result) is not list and type(result) is not tuple:
             self._close_result(result)
+        if self.server.app_owner is self:
+            self._release_app()
         keep = self.keep
         if self.framing == _F_LENGTH and self.remaining > 0:
             keep = False  # app sent less than its Content-Length: only closing keeps the framing honest
@@ -1361,6 +1457,8 @@ class WsgiProtocol(HttpProtocol):
         if result is not None:
             self._close_result(result)
         self.resp_result = None
+        if self.server.app_owner is self:
+            self._release_app()
         self.code = 500
         self.resp_bytes = 0
         if not self.head_sent:

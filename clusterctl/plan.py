@@ -20,7 +20,7 @@ from typing import Literal
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError
 from clusterctl.proc import run
-from clusterctl.worker import WorkerConfig, extra_args_problem, size_bytes, ws_problem
+from clusterctl.worker import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
 
 Balance = Literal["shared", "reuseport"]
 ProtectHome = Literal["no", "read-only", "tmpfs", "yes"]
@@ -47,6 +47,7 @@ WS_MAX_SIZE: int = _WORKER.ws_max_size
 WS_DEFLATE: bool = _WORKER.ws_per_message_deflate
 WS_PING_INTERVAL: float = _WORKER.ws_ping_interval
 WS_PING_TIMEOUT: float = _WORKER.ws_ping_timeout
+TIMEOUT = int(_WORKER.timeout)  # the worker's --timeout: a request's app code running longer replaces the worker
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Plan:
     backlog: int = BACKLOG
     drain_timeout: int = DRAIN_TIMEOUT
     watchdog_sec: int = WATCHDOG_SEC
+    timeout: int = TIMEOUT
     # The app's interface for the worker's --interface: auto (detected at start), wsgi or asgi.
     interface: str = "auto"
     # ASGI WebSockets (the worker's --ws-* flags; ExecStart= carries those that differ from these defaults).
@@ -539,6 +541,7 @@ def build_plan(
     backlog: int = BACKLOG,
     drain_timeout: int = DRAIN_TIMEOUT,
     watchdog_sec: int = WATCHDOG_SEC,
+    timeout: int = TIMEOUT,
     interface: str = "auto",
     ws_max_size: int = WS_MAX_SIZE,
     ws_per_message_deflate: bool = WS_DEFLATE,
@@ -565,6 +568,9 @@ def build_plan(
         raise ClusterctlError(f"--drain-timeout {drain_timeout} is out of range", "use 1-3600 seconds")
     if not 0 <= watchdog_sec <= 3600:
         raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
+    bad_timeout = timeout_problem(timeout)
+    if bad_timeout:
+        raise ClusterctlError(*bad_timeout)
     if interface not in ("auto", "wsgi", "asgi"):
         raise ClusterctlError(f"--interface {interface!r} is not auto, wsgi or asgi", "leave it at auto to detect it")
     bad = ws_problem(ws_max_size, ws_ping_interval, ws_ping_timeout)
@@ -588,6 +594,9 @@ def build_plan(
                     "user (the default without --user) will fail to start: install the app and its venv under a "
                     "world-readable path (e.g. /opt or /srv), or pass --user with an account that can read it "
                     "(--user root gives up that isolation)")
+    if drain_timeout < timeout:
+        warnings.append(f"--drain-timeout {drain_timeout} is shorter than --timeout {timeout}: a deploy or stop cuts "
+                        f"requests the timeout still allows; raise --drain-timeout to {timeout} if they must finish")
     ws = (ws_max_size, ws_per_message_deflate, ws_ping_interval, ws_ping_timeout)
     if interface == "wsgi" and ws != (WS_MAX_SIZE, WS_DEFLATE, WS_PING_INTERVAL, WS_PING_TIMEOUT):
         warnings.append("the --ws-* options apply to ASGI apps only: with --interface wsgi the workers ignore them")
@@ -597,7 +606,8 @@ def build_plan(
         memory_max=parse_size(memory_max, "--memory-max"), memory_high=parse_size(memory_high, "--memory-high"),
         cpu_quota=parse_percent(cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(tasks_max),
         harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
-        backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, task=task, every=every,
+        backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, timeout=timeout, task=task,
+        every=every,
         interface=interface, ws_max_size=ws_max_size, ws_per_message_deflate=ws_per_message_deflate,
         ws_ping_interval=float(ws_ping_interval), ws_ping_timeout=float(ws_ping_timeout), worker_args=extra,
         cpu_budget=budget,

@@ -6,8 +6,9 @@ Order of events, and why:
 3. ASGI apps: lifespan startup (a failure exits non-zero, so systemd's restart policy applies);
    serve the sockets, then READY=1: `systemctl restart` returns on READY, so a rolling reload only
    moves on once this worker really answers;
-4. STATUS= once a second, WATCHDOG=1 from the event loop itself (a blocked loop stops pinging and
-   systemd kills it);
+4. STATUS= once a second; WATCHDOG=1 and --timeout from the monitor thread (watchdog.py): a request whose
+   app code runs past --timeout is named in the journal and the worker replaced; a loop blocked anywhere
+   else stops the pings and systemd's watchdog restarts the worker;
 5. SIGTERM/SIGINT: STOPPING=1, stop accepting, let in-flight and already-read requests finish, close
    idle keep-alive connections, exit 0; a second signal or --drain-timeout force-closes and exits 1.
    --max-requests takes the same path and exits 0 (the unit's Restart= brings a fresh process).
@@ -30,6 +31,7 @@ from clusterctl import asgi, messaging, notify
 from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
+from clusterctl.watchdog import Monitor
 from clusterctl.worker import WorkerConfig
 
 log = logging.getLogger("clusterctl.worker")
@@ -149,6 +151,7 @@ class Runtime:
         self.last_status = ""
         self.notifying = notify.enabled()
         self.inbox: messaging.Inbox | None = None
+        self.monitor: Monitor | None = None
 
     @staticmethod
     def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -162,12 +165,15 @@ class Runtime:
 
     def run(self) -> int:
         loop = self.loop
-        asyncio.set_event_loop(loop)
+        # Not made the thread's current loop: WSGI app code runs with the loop hidden (engine.py), and an app
+        # calling asyncio.get_event_loop() there gets a loop of its own, as under a sync server.
         try:
             # One run_until_complete for the whole life: uvloop pauses its signal wake-up between runs,
             # and a SIGTERM landing in such a gap would be lost.
             code = loop.run_until_complete(self._main())
         finally:
+            if self.monitor is not None:
+                self.monitor.stop()
             if self.access is not None:
                 self.access.close()
             self.server.close()
@@ -195,9 +201,9 @@ class Runtime:
         notify.notify(ready=True, status=f"serving {self.cfg.app} on {where}")
         if self.notifying:
             loop.call_later(1.0, self._status)
-        interval = notify.watchdog_interval()
-        if interval:
-            self._watchdog(interval)
+        self.monitor = Monitor(self.server, timeout=self.cfg.timeout, watchdog=notify.watchdog_interval(),
+                               instance=self.cfg.instance)
+        self.monitor.start()
         if self.cfg.max_memory_restart > 0:
             self._memory_check(os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC), os.sysconf("SC_PAGE_SIZE"),
                                first=True)
@@ -300,10 +306,6 @@ class Runtime:
             return
         self.loop.call_later(1.0, self._memory_check, statm, page)
 
-    def _watchdog(self, interval: float) -> None:
-        notify.notify(watchdog=True)
-        self.loop.call_later(interval, self._watchdog, interval)
-
     # -- shutdown: signals, recycling, deadline -----------------------------------------------------------
     def on_signal(self, sig: int) -> None:
         if self.draining:
@@ -365,7 +367,7 @@ def run(cfg: WorkerConfig) -> int:
     worker_api.instance = cfg.instance
     worker_api.name = cfg.name
     bad = (worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
-           or worker_api.ready_path_problem(cfg.ready_path))
+           or worker_api.ready_path_problem(cfg.ready_path) or worker_api.timeout_problem(cfg.timeout))
     if bad:
         raise ClusterctlError(*bad)
     socks = take_sockets(cfg)

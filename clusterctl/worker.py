@@ -91,6 +91,7 @@ class WorkerConfig:
     instance: str = ""
     bind: list[str] = field(default_factory=list)
     drain_timeout: float = 25.0
+    timeout: float = 30.0
     threads: int = 0
     access_log: bool = True
     journal: bool = True
@@ -135,6 +136,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--bind", "bind", list, "listen on ADDR yourself (host:port, [v6]:port, unix:/path); repeatable; "
                              "for local development without systemd"),
     ("--drain-timeout", "drain_timeout", float, "seconds to finish in-flight requests after SIGTERM"),
+    ("--timeout", "timeout", float, "replace the worker when one request's app code runs longer than S seconds "
+                                    "(named in the journal; gunicorn's --timeout)"),
     ("--ready-path", "ready_path", str, "before serving and READY=1, GET PATH through the worker's own engine "
                                         "(in-process) until it answers 2xx; default: ready once imported"),
     ("--threads", "threads", int, "run requests in a pool of N threads (0: inline on the event loop)"),
@@ -183,11 +186,24 @@ def ws_problem(max_size: int, ping_interval: float, ping_timeout: float) -> tupl
 
 # Set by `clusterctl generate` from its own options; --worker-args may not repeat them.
 GENERATE_OWNS = {"--app": "--app", "--name": "--name", "--instance": "(the unit's %i)",
-                 "--drain-timeout": "--drain-timeout", "--backlog": "--backlog", "--interface": "--interface",
+                 "--drain-timeout": "--drain-timeout", "--timeout": "--timeout", "--backlog": "--backlog",
+                 "--interface": "--interface",
                  "--bind": "--listen", "--ws-max-size": "--ws-max-size",
                  "--ws-per-message-deflate": "--[no-]ws-per-message-deflate",
                  "--no-ws-per-message-deflate": "--[no-]ws-per-message-deflate",
                  "--ws-ping-interval": "--ws-ping-interval", "--ws-ping-timeout": "--ws-ping-timeout"}
+
+
+TIMEOUT_MAX = 86400.0
+
+
+def timeout_problem(timeout: float) -> tuple[str, str] | None:
+    """Why --timeout is refused (as (what, fix)), or None: one check for the worker and `clusterctl generate`."""
+    if not 0 < timeout <= TIMEOUT_MAX:  # also refuses nan
+        return (f"--timeout {timeout:g} is out of range",
+                f"use more than 0 and at most {TIMEOUT_MAX:g} seconds, e.g. --timeout 30 (a request's app code "
+                "running longer gets the worker replaced)")
+    return None
 
 
 def ready_path_problem(path: str) -> tuple[str, str] | None:

@@ -24,7 +24,8 @@ from tests.loadgen import Load, request
 from tests.worker_user import worker_user
 
 REPO = Path(__file__).resolve().parent.parent
-WATCHDOG = 5  # seconds; /slow?seconds=1.5 blocks the loop well below it, /hang far above it
+WATCHDOG = 2  # seconds: WatchdogSec=, shorter than requests the timeout allows (/slow?seconds=3.5)
+TIMEOUT = 5  # seconds: --timeout, which /hang outlives
 
 
 @dataclass
@@ -75,7 +76,7 @@ def install_cluster(sandbox: sb.Sandbox, out: Path, name: str, port: int, balanc
                     worker_args: tuple[str, ...] = ()) -> Cluster:
     plan = build_plan(app="examples.hello:app", name=name, workers=str(workers), listen=[f"127.0.0.1:{port}"],
                       balance=balance, working_dir=str(REPO), python=sys.executable, user=worker_user(),
-                      watchdog_sec=WATCHDOG, worker_args=worker_args,
+                      watchdog_sec=WATCHDOG, timeout=TIMEOUT, worker_args=worker_args,
                       check=True)
     gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)
@@ -185,22 +186,37 @@ def test_kill_9_is_replaced_and_loses_at_most_in_flight(cluster: Cluster) -> Non
     assert load.result.ok >= 50
 
 
-def test_watchdog_kills_a_hung_worker(cluster: Cluster) -> None:
+def test_request_over_timeout_replaces_the_worker_and_names_it(cluster: Cluster) -> None:
     before = dict(zip(cluster.show("Id"), cluster.show("MainPID"), strict=True))
+    restarts = dict(zip(cluster.show("Id"), cluster.show("NRestarts"), strict=True))
+    t0 = time.monotonic()
     t, outcome = cluster.get_in_background("/hang")
-    deadline = time.monotonic() + WATCHDOG + 15
+    deadline = time.monotonic() + TIMEOUT + 15
     changed: list[str] = []
     while time.monotonic() < deadline and not changed:
         now = dict(zip(cluster.show("Id"), cluster.show("MainPID"), strict=True))
         changed = [u for u in before if now.get(u) not in (before[u], "0")]
         time.sleep(0.2)
     assert len(changed) == 1, "no hung worker was replaced"
+    assert time.monotonic() - t0 >= TIMEOUT - 0.5, "replaced before --timeout"
     t.join(timeout=5)
     assert outcome and isinstance(outcome[0], OSError), outcome  # the hung request died with its worker
-    journal = cluster.sd.journalctl("-u", changed[0], "-o", "cat")
-    assert "Watchdog timeout" in journal
+    unit = changed[0]
+    instance = unit.split("@")[1].split(".")[0]
+    journal = cluster.sd.journalctl("-u", unit, "-o", "cat")
+    line = next((x for x in journal.splitlines() if "request timeout: GET /hang has run" in x), "")
+    assert f"over --timeout {TIMEOUT} s on instance {instance}" in line, journal[-3000:]
+    assert "examples/hello.py" in journal  # the stack it was stuck in
+    assert "Watchdog timeout" not in journal  # the timeout, not systemd's watchdog, replaced it
     cluster.wait_all_active()
+    assert int(cluster.show("NRestarts")[int(instance) - 1]) == int(restarts[unit]) + 1
     assert cluster.get("/") == (200, b"Hello, world!\n")
+
+
+def test_request_longer_than_the_watchdog_within_timeout_is_served(cluster: Cluster) -> None:
+    pids, restarts = cluster.show("MainPID"), cluster.show("NRestarts")
+    assert cluster.get("/slow?seconds=3.5") == (200, b"slept 3.5\n")  # WatchdogSec=2 < 3.5 s < --timeout 5
+    assert (cluster.show("MainPID"), cluster.show("NRestarts")) == (pids, restarts)
 
 
 def test_sigterm_drains_a_slow_request(cluster: Cluster) -> None:

@@ -304,18 +304,77 @@ def test_max_memory_restart_below_a_fresh_worker_is_refused_not_looped(spawn: Ca
     assert "--max-memory-restart 1.0 MiB is below this worker's resident memory right after start" in w.output()[1]
 
 
-def test_watchdog_pings_from_the_loop(spawn: Callable[..., Worker]) -> None:
-    w = spawn("--app", "examples.hello:app", "--no-access-log", env={"WATCHDOG_USEC": "200000"})
+def test_watchdog_pings_through_a_request_within_timeout(spawn: Callable[..., Worker]) -> None:
+    """A request longer than the watchdog interval but within --timeout is app work, not a hang: the monitor
+    thread keeps WATCHDOG=1 going while the loop is busy in the app, and the request is answered."""
+    w = spawn("--app", "examples.hello:app", "--no-access-log", "--timeout", "5", "--keepalive-timeout", "0.4",
+              env={"WATCHDOG_USEC": "200000"})  # ticks every 0.1 s: a loop quiet for 0.15 s would count as blocked
     first = connect_when_listening(w.port)
     w.notify.wait_for("READY=1")
     msgs = w.notify.drain(0.55)
     assert sum("WATCHDOG=1" in m for m in msgs) >= 3  # every 0.1 s
-    first.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: t\r\n\r\n")  # blocks the loop for 1 s
-    time.sleep(0.1)
+    first.sendall(b"GET /slow?seconds=1.2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")  # 1.2 s in the app
+    w.notify.drain(0.1)
     n = len(w.notify.messages)
-    later = w.notify.drain(0.7)[n:]
+    later = w.notify.drain(0.9)[n:]
+    assert sum("WATCHDOG=1" in m for m in later) >= 5, later
+    first.settimeout(10)
+    assert first.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    first.close()
+    os.kill(w.proc.pid, signal.SIGTERM)
+    assert w.proc.wait(10) == 0
+
+
+def test_request_over_timeout_is_named_and_the_worker_exits(spawn: Callable[..., Worker]) -> None:
+    w = spawn("--app", "examples.hello:app", "--no-access-log", "--timeout", "0.6", "--instance", "7",
+              env={"WATCHDOG_USEC": "200000"})
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    first.sendall(b"GET /slow?seconds=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+    t0 = time.monotonic()
+    assert w.proc.wait(10) == 1  # systemd's Restart=on-failure replaces it
+    assert time.monotonic() - t0 < 3
+    _, err = w.output()
+    line = next(x for x in err.splitlines() if "request timeout" in x)
+    assert "GET /slow?seconds=30 has run" in line and "over --timeout 0.6 s on instance 7" in line, err
+    assert "examples/hello.py" in err and "time.sleep" in err  # where the app was stuck
+    first.close()
+
+
+BLOCKING_ASGI = (
+    "import time\n"
+    "async def app(scope, receive, send):\n"
+    "    if scope['type'] != 'http':\n"
+    "        return\n"
+    "    if scope['path'] == '/block':\n"
+    "        time.sleep(3)  # blocking code in an async handler: the loop stops, outside any WSGI app call\n"
+    "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+    "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
+)
+
+
+def test_loop_blocked_outside_app_code_stops_the_watchdog(spawn: Callable[..., Worker], tmp_path: Path) -> None:
+    (tmp_path / "blocking.py").write_text(BLOCKING_ASGI)
+    w = spawn("--app", "blocking:app", "--no-access-log", "--keepalive-timeout", "0.4", cwd=tmp_path,
+              env={"WATCHDOG_USEC": "200000", "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    first = connect_when_listening(w.port)
+    w.notify.wait_for("READY=1")
+    first.sendall(b"GET /block HTTP/1.1\r\nHost: t\r\n\r\n")
+    w.notify.drain(0.6)  # the monitor sees no loop tick for 2 ticks + a period (0.25 s here)
+    n = len(w.notify.messages)
+    later = w.notify.drain(1.5)[n:]
     assert not any("WATCHDOG=1" in m for m in later), "a blocked loop must stop pinging"
     first.close()
+    os.kill(w.proc.pid, signal.SIGKILL)
+    _, err = w.output()
+    assert "the event loop has not run for" in err and "WatchdogSec=" in err
+
+
+def test_bad_timeout_is_one_error_line(spawn: Callable[..., Worker]) -> None:
+    for bad in ("0", "-1", "nan"):
+        w = spawn("--app", "examples.hello:app", "--timeout", bad, ssa=False)
+        _, err = w.output()
+        assert w.proc.returncode == 2 and f"--timeout {bad} is out of range" in err and "Traceback" not in err
 
 
 def test_no_sockets_is_a_clear_error(spawn: Callable[..., Worker]) -> None:

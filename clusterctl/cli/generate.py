@@ -13,6 +13,7 @@ from clusterctl.cli import cli
 from clusterctl.plan import (
     BACKLOG,
     DRAIN_TIMEOUT,
+    TIMEOUT,
     WATCHDOG_SEC,
     WS_DEFLATE,
     WS_MAX_SIZE,
@@ -65,7 +66,9 @@ _PLAN_OPTIONS = [
     click.option("--drain-timeout", type=int, default=DRAIN_TIMEOUT, show_default=True,
                  help="Seconds a stopping worker may finish in-flight requests."),
     click.option("--watchdog-sec", type=int, default=WATCHDOG_SEC, show_default=True,
-                 help="Kill a worker whose event loop is blocked this long (0: off)."),
+                 help="Restart a worker whose event loop is blocked this long outside a request's app code (0: off)."),
+    click.option("--timeout", type=int, default=TIMEOUT, show_default=True, metavar="SECONDS",
+                 help="Replace a worker whose request has run app code this long (named in the journal; gunicorn's --timeout)."),
     click.option("--interface", type=click.Choice(["auto", "wsgi", "asgi"]), default="auto", show_default=True,
                  help="The app's interface: auto detects WSGI, ASGI 3 or ASGI 2 when the worker imports it."),
     click.option("--ws-max-size", type=_Bytes(), default=WS_MAX_SIZE, show_default=True, metavar="BYTES",
@@ -99,7 +102,7 @@ def plan_from_options(options: dict[str, Any]) -> Plan:
     """Build the Plan from the plan options; pops them so the caller keeps only its own."""
     keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
-            "backlog", "drain_timeout", "watchdog_sec", "interface", "ws_max_size", "ws_per_message_deflate",
+            "backlog", "drain_timeout", "watchdog_sec", "timeout", "interface", "ws_max_size", "ws_per_message_deflate",
             "ws_ping_interval", "ws_ping_timeout", "worker_args", "every", "task")
     kwargs = {k: options.pop(k) for k in keys}
     plan = build_plan(**kwargs, check=options.pop("check_import"))
