@@ -5,6 +5,10 @@ all servers are measured in the same run in interleaved rounds (these machines a
 within one run). Ours is started the real way, through systemd-socket-activate (fd hand-over).
 
     .venv/bin/python bench/bench_core.py [--duration 5] [--rounds 2] [--connections 50]
+    .venv/bin/python bench/bench_core.py --baseline ../before --only clusterctl clusterctl-baseline granian
+
+`--baseline DIR` adds "clusterctl-baseline": the same worker from another checkout (e.g. `git worktree add
+../before HEAD~1`), so a change is measured before and after in one run.
 
 Prints a table with the ratios to the targets of issue 3 and writes raw JSON to bench/out/.
 """
@@ -38,11 +42,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def servers(port: int, extra: list[str]) -> dict[str, list[str]]:
+def servers(port: int, extra: list[str], baseline: str | None = None) -> dict[str, list[str]]:
     ssa = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-activate"
+    ours = {"clusterctl": [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(REPO), PY, "-m",
+                           "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log", *extra]}
+    if baseline:
+        ours["clusterctl-baseline"] = [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(Path(baseline).resolve()),
+                                       PY, "-m", "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log",
+                                       *extra]
     return {
-        "clusterctl": [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(REPO), PY, "-m",
-                       "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log", *extra],
+        **ours,
         "granian": [str(BIN / "granian"), "--interface", "wsgi", "--workers", "1", "--host", "127.0.0.1",
                     "--port", str(port), "--no-ws", "examples.hello:app"],
         "gunicorn-sync": [str(BIN / "gunicorn"), "-w", "1", "-b", f"127.0.0.1:{port}", "--log-level",
@@ -111,15 +120,16 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--worker-args", default="", help="extra flags for our worker")
+    ap.add_argument("--baseline", metavar="DIR", help="also measure the worker of another checkout")
     args = ap.parse_args()
     raw: dict[str, list[dict[str, float]]] = {}
     for rnd in range(args.rounds):
         port = free_port()
-        for name, argv in servers(port, args.worker_args.split()).items():
+        for name, argv in servers(port, args.worker_args.split(), args.baseline).items():
             if args.only and name not in args.only:
                 continue
             port = free_port()
-            argv = servers(port, args.worker_args.split())[name]
+            argv = servers(port, args.worker_args.split(), args.baseline)[name]
             if not Path(argv[0]).exists():
                 print(f"round {rnd + 1} {name:14} skipped: {argv[0]} not installed (pip install '.[bench]')", flush=True)
                 continue
@@ -133,7 +143,8 @@ def main() -> None:
         print(f"{n:14} {b['keepalive']:11.0f} {b['close']:9.0f}")
     targets = {("clusterctl", "node20", "keepalive"): 1.25, ("clusterctl", "granian", "keepalive"): 1.3,
                ("clusterctl", "gunicorn-sync", "keepalive"): 10.0, ("clusterctl", "node20", "close"): 1.0,
-               ("clusterctl-asgi", "uvicorn", "keepalive"): 1.5, ("clusterctl-asgi", "granian-asgi", "keepalive"): 1.1}
+               ("clusterctl-asgi", "uvicorn", "keepalive"): 1.5, ("clusterctl-asgi", "granian-asgi", "keepalive"): 1.1,
+               ("clusterctl", "clusterctl-baseline", "keepalive"): 0.95, ("clusterctl", "clusterctl-baseline", "close"): 0.95}
     print("\nratios (ours / peer):")
     for (us, peer, mode), target in targets.items():
         if us in best and peer in best:

@@ -325,9 +325,10 @@ def test_watchdog_pings_through_a_request_within_timeout(spawn: Callable[..., Wo
     assert w.proc.wait(10) == 0
 
 
-def test_request_over_timeout_is_named_and_the_worker_exits(spawn: Callable[..., Worker]) -> None:
+@pytest.mark.parametrize("threads", ["0", "2"])
+def test_request_over_timeout_is_named_and_the_worker_exits(spawn: Callable[..., Worker], threads: str) -> None:
     w = spawn("--app", "examples.hello:app", "--no-access-log", "--timeout", "0.6", "--instance", "7",
-              env={"WATCHDOG_USEC": "200000"})
+              "--threads", threads, env={"WATCHDOG_USEC": "200000"})
     first = connect_when_listening(w.port)
     w.notify.wait_for("READY=1")
     first.sendall(b"GET /slow?seconds=30 HTTP/1.1\r\nHost: t\r\n\r\n")
