@@ -38,7 +38,7 @@ PERCENT_RE = re.compile(r"^(\d{1,5})%?$")
 TASKS_RE = re.compile(r"^([1-9]\d{0,6}|\d{1,3}%|infinity)$")
 
 DEFAULT_PORT = 8000
-DRAIN_TIMEOUT = 25
+DRAIN_TIMEOUT = 30  # as --timeout: a deploy lets every request the timeout allows finish (gunicorn: 30 and 30)
 WATCHDOG_SEC = 10
 BACKLOG = 4096
 # ASGI WebSocket settings: the worker's own defaults, so a unit names only the ones that differ.
@@ -388,6 +388,30 @@ def under(path: str, dirs: tuple[str, ...]) -> str | None:
     return None
 
 
+def is_under(path: str, dirs: tuple[str, ...] | list[str]) -> bool:
+    """Whether `path` is one of `dirs` or lies inside one."""
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def sqlite_databases(directory: str) -> list[str]:
+    """SQLite database files directly in `directory` (by their header, whatever their name): the workers'
+    read-only file system lets an app open them but not write them (Django's db.sqlite3: login, sessions)."""
+    found = []
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if entry.is_file() and entry.stat().st_size >= 100:
+                with open(entry.path, "rb") as f:
+                    if f.read(16) == b"SQLite format 3\x00":
+                        found.append(entry.path)
+        except OSError:
+            continue
+    return found
+
+
 def readable_by_anyone(path: str) -> bool:
     """Whether any local user could use `path`: every directory on the way, symlinks followed, is
     searchable by others, and the file itself readable. A DynamicUser= worker has no group or owner
@@ -594,6 +618,13 @@ def build_plan(
                     "user (the default without --user) will fail to start: install the app and its venv under a "
                     "world-readable path (e.g. /opt or /srv), or pass --user with an account that can read it "
                     "(--user root gives up that isolation)")
+    if harden and not is_under(wd, rw):
+        for db in sqlite_databases(wd):
+            who = "--user OWNER (an account that may write it) and " if user is None else ""
+            warnings.append(f"{db} is an SQLite database, which the workers may read but not write (ProtectSystem=strict"
+                            f"{', a dynamic user' if user is None else ''}): its writes (Django's login and sessions) "
+                            f"will fail with 'readonly database'; pass {who}--rw-path {wd} (SQLite writes a journal "
+                            "beside it), or use a database server")
     if drain_timeout < timeout:
         warnings.append(f"--drain-timeout {drain_timeout} is shorter than --timeout {timeout}: a deploy or stop cuts "
                         f"requests the timeout still allows; raise --drain-timeout to {timeout} if they must finish")

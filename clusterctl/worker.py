@@ -90,7 +90,7 @@ class WorkerConfig:
     name: str = "clusterctl"
     instance: str = ""
     bind: list[str] = field(default_factory=list)
-    drain_timeout: float = 25.0
+    drain_timeout: float = 30.0
     timeout: float = 30.0
     threads: int = 0
     access_log: bool = True

@@ -77,11 +77,11 @@ def test_shared_layout(appdir: Path) -> None:
     assert "Backlog=4096\n" in sock
     for line in ("Type=notify", "NotifyAccess=main", "Sockets=web.socket", "Requires=web.socket",
                  "After=web.socket network.target", "Restart=on-failure", "RestartSec=1",
-                 "StartLimitIntervalSec=0", "KillMode=mixed", "WatchdogSec=10", "TimeoutStopSec=30",
+                 "StartLimitIntervalSec=0", "KillMode=mixed", "WatchdogSec=10", "TimeoutStopSec=35",
                  f"WorkingDirectory={appdir}", "Environment=PYTHONUNBUFFERED=1"):
         assert line + "\n" in svc, line
     assert (f"ExecStart={sys.executable} -m clusterctl.worker --app myapp:app --name web --instance %i "
-            "--drain-timeout 25 --backlog 4096\n") in svc
+            "--drain-timeout 30 --backlog 4096\n") in svc
     assert [line for line in target.splitlines() if line.startswith("Wants=")] == [
         "Wants=web.socket", "Wants=web@1.service", "Wants=web@2.service", "Wants=web@3.service"]
     assert "WantedBy=multi-user.target" in target
@@ -377,3 +377,24 @@ def test_header_command_rebuilds_the_same_plan(appdir: Path, options: dict[str, 
     header = gen.render(plan)[f"{plan.name}@.service"].splitlines()[1]
     assert header.startswith("# clusterctl generate ")
     assert _replan(header[2:]) == plan
+
+
+def test_sqlite_database_in_the_app_dir_is_warned_about_with_the_fix(appdir: Path) -> None:
+    """Django's startproject keeps db.sqlite3 beside the code: readable but not writable under the default
+    hardening, so the first login fails. generate says so, and which options make it writable."""
+    import sqlite3
+
+    sqlite3.connect(appdir / "db.sqlite3").execute("create table t (x)").connection.commit()
+    plan = build_plan(app="myapp:app", workers="1", check=False)
+    (warning,) = [w for w in plan.warnings if "SQLite" in w]
+    assert f"{appdir}/db.sqlite3" in warning and f"--rw-path {appdir}" in warning and "--user OWNER" in warning
+    plan = build_plan(app="myapp:app", workers="1", rw_path=[str(appdir)], user="www-data", check=False)
+    assert not [w for w in plan.warnings if "SQLite" in w]
+    assert not [w for w in build_plan(app="myapp:app", workers="1", harden=False, check=False).warnings
+                if "SQLite" in w]
+
+
+def test_drain_shorter_than_timeout_is_warned_about(appdir: Path) -> None:
+    assert not [w for w in build_plan(app="myapp:app", workers="1", check=False).warnings if "--timeout" in w]
+    plan = build_plan(app="myapp:app", workers="1", timeout=120, check=False)
+    assert any("--drain-timeout 30 is shorter than --timeout 120" in w for w in plan.warnings)

@@ -20,6 +20,7 @@ from clusterctl.cli import cli
 from clusterctl.cli.generate import plan_from_options, plan_options
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
 from clusterctl.errors import ClusterctlError
+from clusterctl.plan import is_under
 from clusterctl.systemd import Systemd
 
 
@@ -86,7 +87,9 @@ def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None
         if sb.is_running(name):
             click.echo(f"sandbox {name}: already running, reusing it")
         else:
-            seconds = sb.up(name, [(plan.working_dir, plan.working_dir, True)])
+            # The app's directory as it is on the host (read-only), and each --rw-path writable, as on a host.
+            binds = [] if is_under(plan.working_dir, plan.rw_paths) else [(plan.working_dir, plan.working_dir, True)]
+            seconds = sb.up(name, binds + [(p, p, False) for p in plan.rw_paths])
             click.echo(f"sandbox {name}: real systemd booted in {seconds:.2f}s (pid {sb.pid(name)})")
     sd = Systemd(sandbox=name if sandboxed else None)
     ops.install(sd, out, enable=True, start=False, progress=lambda m: None)
