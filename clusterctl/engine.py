@@ -80,6 +80,7 @@ class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_request_line: int = 8190
+    max_header_field: int = 8190  # one field line, name and value (gunicorn's limit; nginx's 8 KB buffers)
     max_header_size: int = 32768
     max_headers: int = 100
     max_body_size: int = 16 * 1024 * 1024
@@ -236,11 +237,12 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: with more than 30 attributes CPython 3.11 stops sharing instance-dict keys and every
     # self.x becomes a dict lookup; slot access is a fixed offset.
-    __slots__ = ("body", "body_held", "body_len", "busy", "closed", "continue_pending", "error", "expect", "got_bytes",
-                 "head_carry", "head_limit", "headers", "hflags", "in_head", "limits", "lingering", "loop",
-                 "max_header_size", "max_headers", "max_request_line", "measure", "parser", "phase",
-                 "queue", "read_big", "read_paused", "running_queue", "server", "since", "stop_parsing",
-                 "streaming", "transport", "url", "version", "writable", "write_paused")
+    __slots__ = ("big_read", "body", "body_held", "body_len", "busy", "closed", "continue_pending", "error", "expect",
+                 "good_host", "got_bytes", "head_carry", "head_limit", "headers", "hflags", "in_head", "limits",
+                 "lingering", "loop",
+                 "max_field", "max_header_size", "max_headers", "max_request_line", "measure", "parser", "phase",
+                 "queue", "read_big", "read_paused", "req_headers", "running_queue", "server", "since", "stop_parsing",
+                 "streaming", "trailing", "transport", "url", "version", "writable", "write_paused")
 
     # True: a request with a body that arrives while the connection is idle is handed to the adapter at the
     # end of its head, and the body follows as it is read (ASGI's http.request with more_body). False: the
@@ -276,13 +278,22 @@ class HttpProtocol(asyncio.Protocol):
         self.max_header_size = lim.max_header_size
         self.max_headers = lim.max_headers
         self.max_request_line = lim.max_request_line
-        self.read_big = False         # this read alone could hold a head over the limit
+        self.max_field = lim.max_header_field
+        # A read no larger than this cannot hold a field or a head over the limits: only bigger reads, or heads
+        # that span reads, get measured (once, in on_headers_complete).
+        self.big_read = min(lim.max_header_field, lim.max_header_size)
+        self.read_big = False         # this read alone could hold a head or a field over the limits
         self.measure = False          # this message's head needs its size checked
         self.version = "1.1"
         # per-message state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.hflags = 0               # _H_* bits seen in this head
+        self.good_host = b"\x00"      # the last Host value this connection sent that was valid
+        # A chunked request's trailer section: its fields go to a list of their own (self.headers, swapped in
+        # on_headers_complete) that is bounded like a head and then dropped, never merged into the request.
+        self.trailing = False
+        self.req_headers: list[tuple[bytes, bytes]] = _NO_HEADERS  # read only while trailing
         self.expect = b""             # valid only while hflags & _H_EXPECT
         self.body: list[bytes] | None = None
         self.body_len = 0
@@ -343,8 +354,8 @@ class HttpProtocol(asyncio.Protocol):
         n = len(data)
         # A head that fits in one read no larger than max_header_size cannot exceed it: only heads that
         # span reads or arrive in a big read get their size summed (once, in on_headers_complete).
-        self.read_big = n > self.max_header_size
-        if self.in_head:  # a head that began in an earlier read (on_url resets the count)
+        self.read_big = n > self.big_read
+        if self.in_head or self.trailing:  # a head (or trailers) that began in an earlier read (on_url resets the count)
             self.head_carry += n
             self.measure = True
         try:
@@ -360,7 +371,7 @@ class HttpProtocol(asyncio.Protocol):
                 httptools.HttpParserInvalidURLError) as e:
             self._fail(_Reject(400, str(e)))
             return
-        if self.in_head and self._head_over():
+        if (self.in_head or self.trailing) and self._head_over():
             return
         queue = self.queue
         if len(queue) > 16 and not self.read_paused:
@@ -377,12 +388,12 @@ class HttpProtocol(asyncio.Protocol):
             self.queue[-1] = (*self.queue[-1][:4], False, *self.queue[-1][5:])  # type: ignore[assignment]
 
     def _head_over(self) -> bool:
-        """Bound an unfinished head (llhttp buffers a partial header line without calling us)."""
+        """Bound an unfinished head or trailer section (llhttp buffers a partial header line without calling us)."""
         headers = self.headers
         if (self.head_carry > self.head_limit or len(headers) > self.max_headers
                 or (self.measure and _head_size(headers) > self.max_header_size)):
             self.headers = []
-            self._fail(_Reject(431, "request head too large"))
+            self._fail(_Reject(431, "request trailers too large" if self.trailing else "request head too large"))
             return True
         return False
 
@@ -422,10 +433,12 @@ class HttpProtocol(asyncio.Protocol):
         if kind:
             if kind == _H_HOST and not self.hflags & _H_HOST:  # the one every request has, without a call
                 self.hflags |= _H_HOST
+                if value != self.good_host:  # checked once per connection while it sends the same one
+                    self._host_seen(value)
             else:
-                self._special_header(kind, value)
+                self._special_header(kind, value, name)
 
-    def _special_header(self, kind: int, value: bytes) -> None:
+    def _special_header(self, kind: int, value: bytes, name: bytes = b"") -> None:
         if kind == _H_HOST:
             self.hflags |= _H_HOST_DUP if self.hflags & _H_HOST else _H_HOST
         elif kind == _H_CL:
@@ -437,15 +450,26 @@ class HttpProtocol(asyncio.Protocol):
         elif kind == _H_EXPECT:
             self.hflags |= _H_EXPECT
             self.expect = value.lower()
-        else:
+        elif kind == _H_TE:
             self.hflags |= _H_TE
+        elif kind == _H_CT:
+            if self.hflags & _H_CT:
+                raise _Reject(400, "more than one Content-Type header")
+            self.hflags |= _H_CT
+        else:  # Transfer_Encoding, Content_Length: a framing header in disguise (an environ key would alias it)
+            raise _Reject(400, f"invalid header name {name!r}")
 
     def on_headers_complete(self) -> None:
         headers = self.headers
         if len(headers) > self.max_headers:
             raise _Reject(431, "too many request headers")
-        if self.measure and _head_size(headers) > self.max_header_size:
-            raise _Reject(431, "request headers too large")
+        if self.measure:
+            if _head_size(headers) > self.max_header_size:
+                raise _Reject(431, "request headers too large")
+            limit = self.max_field
+            for name, value in headers:
+                if len(name) + len(value) > limit:
+                    raise _Reject(431, "a request header field is too large")
         self.in_head = False
         self.phase = BODY
         self.version = version = self.parser.get_http_version()
@@ -460,6 +484,14 @@ class HttpProtocol(asyncio.Protocol):
                 raise _Reject(400, "more than one Host header")
         else:
             raise _Reject(505 if version[:1] > "1" else 400, f"HTTP/{version} not supported")
+        if self.url[0] != 47:  # not origin-form ("/..."): asterisk, absolute or authority form
+            self._other_target_form(headers)
+        if hf & _H_TE:  # chunked: trailers go to a list of their own, bounded, then dropped
+            self.req_headers = headers
+            self.headers = []
+            self.trailing = True
+            self.head_carry = 0
+            self.measure = False
         if hf & (_H_CL | _H_TE):
             self.since = self.server.clock  # a body follows: the body timeout starts now
             expects = False
@@ -478,6 +510,32 @@ class HttpProtocol(asyncio.Protocol):
         elif hf & _H_EXPECT and self.expect != b"100-continue":
             raise _Reject(417, "unsupported Expect")
 
+    def _host_seen(self, host: bytes) -> None:
+        """Check a Host value that is not the connection's last valid one (RFC 9110 7.2), else 400."""
+        if host not in _GOOD_HOSTS:
+            _check_host(host)
+        self.good_host = host
+
+    def _other_target_form(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """`*` (OPTIONS only), absolute-form (its authority replaces Host, RFC 9112 3.2.2) or CONNECT."""
+        url = self.url
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(501, "CONNECT is not served")
+        if url == b"*":
+            if method != b"OPTIONS":
+                raise _Reject(400, "the asterisk target is for OPTIONS only")
+            return
+        scheme, sep, rest = url.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise _Reject(400, "invalid request target")
+        authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+        if authority not in _GOOD_HOSTS:
+            _check_host(authority)
+        for i, (name, _) in enumerate(headers):
+            if _HKIND.get(name) == _H_HOST:
+                headers[i] = (name, authority)
+
     def _dispatch_streamed(self) -> None:
         """Hand the request to the adapter now; its body follows through stream_chunk()/stream_end()."""
         parser = self.parser
@@ -486,11 +544,13 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = True
         server = self.server
         server.in_flight += 1
-        self.handle((parser.get_method(), self.url, self.headers, None, keep, self.version, self.hflags & _H_CL != 0),
+        headers = self.req_headers if self.trailing else self.headers
+        self.handle((parser.get_method(), self.url, headers, None, keep, self.version, self.hflags & _H_CL != 0),
                     keep and not server.draining)
 
     def on_body(self, body: bytes) -> None:
         self.body_len += len(body)  # reset per message in on_url
+        self.head_carry = 0  # body bytes, not trailers (counted in data_received only while trailing)
         if self.body_len > self.limits.max_body_size:
             raise _Reject(413, "body larger than --max-body-size")
         self.since = self.server.clock
@@ -503,6 +563,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         # No clock update here: a queued request is never timed out, and finish() restarts the idle clock.
+        headers = self.headers
+        if self.trailing:  # the trailer fields are bounded like a head (431) and dropped (README: HTTP limits)
+            self.trailing = False
+            if len(headers) > self.max_headers or _head_size(headers) > self.max_header_size:
+                raise _Reject(431, "request trailers too large")
+            headers = self.headers = self.req_headers
         if self.streaming:
             self.streaming = False
             self.in_head = False
@@ -513,7 +579,7 @@ class HttpProtocol(asyncio.Protocol):
         body = self.body
         parser = self.parser
         self.queue.append((
-            parser.get_method(), self.url, self.headers,
+            parser.get_method(), self.url, headers,
             b"" if body is None else body[0] if len(body) == 1 else b"".join(body),
             parser.should_keep_alive(), self.version, self.hflags & _H_CL != 0,
         ))
@@ -749,10 +815,41 @@ class HttpProtocol(asyncio.Protocol):
         return b""
 
 
+_NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: a placeholder, not a list per connection
+
 # Request headers the HTTP layer itself looks at, by name as sent (a bounded cache: names are few).
-_H_HOST, _H_CL, _H_EXPECT, _H_TE, _H_HOST_DUP = 1, 2, 4, 8, 16
+_H_HOST, _H_CL, _H_EXPECT, _H_TE, _H_HOST_DUP, _H_CT, _H_BAD = 1, 2, 4, 8, 16, 32, 64
 _HKIND: dict[bytes, int] = {}
-_HKIND_BY_LOWER = {b"host": _H_HOST, b"content-length": _H_CL, b"expect": _H_EXPECT, b"transfer-encoding": _H_TE}
+_HKIND_BY_LOWER = {b"host": _H_HOST, b"content-length": _H_CL, b"expect": _H_EXPECT, b"transfer-encoding": _H_TE,
+                   b"content-type": _H_CT, b"content_length": _H_BAD, b"transfer_encoding": _H_BAD}
+# Host values seen valid (RFC 9110 7.2: uri-host [":" port], RFC 3986 host syntax); bounded like every cache.
+_GOOD_HOSTS: dict[bytes, bool] = {}
+_REG_NAME = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%")
+_IP_LITERAL = frozenset(b"0123456789abcdefABCDEF:.vV-_~!$&'()*+,;=")
+
+
+def _check_host(host: bytes) -> None:
+    """Accept `uri-host [":" port]` (a reg-name or IPv4, or an [IP-literal]); anything else is a 400: no
+    userinfo (`user@host`), no path (`host/x`), no second host (`a, b`), not empty."""
+    name, port = host, b""
+    if host[:1] == b"[":
+        end = host.find(b"]")
+        if end < 2 or not set(host[1:end]) <= _IP_LITERAL:
+            raise _Reject(400, "invalid Host header")
+        rest = host[end + 1:]
+        if rest and (rest[:1] != b":" or not rest[1:].isdigit()):
+            raise _Reject(400, "invalid Host header")
+    else:
+        name, _, port = host.partition(b":")
+        if not name or not set(name) <= _REG_NAME or (port and not port.isdigit()) or (b":" in port):
+            raise _Reject(400, "invalid Host header")
+        if host.endswith(b":"):
+            raise _Reject(400, "invalid Host header")
+    if len(_GOOD_HOSTS) < _CACHE_MAX_HOSTS:
+        _GOOD_HOSTS[host] = True
+
+
+_CACHE_MAX_HOSTS = 4096
 
 
 def _header_kind(name: bytes) -> int:

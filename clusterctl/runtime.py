@@ -124,7 +124,7 @@ class Runtime:
         self.loop = self._new_loop(cfg.loop)
         limits = Limits(
             keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
-            body_timeout=cfg.body_timeout, max_request_line=cfg.max_request_line,
+            body_timeout=cfg.body_timeout, max_request_line=cfg.max_request_line, max_header_field=cfg.max_header_field,
             max_header_size=cfg.max_header_size, max_headers=cfg.max_headers,
             max_body_size=cfg.max_body_size, max_connections=cfg.max_connections)
         self.access = (AccessLog(self.loop, cfg, journal=cfg.journal and notify.under_systemd())

@@ -99,6 +99,7 @@ class WorkerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_request_line: int = 8190
+    max_header_field: int = 8190
     max_header_size: int = 32768
     max_headers: int = 100
     max_body_size: int = 16 * 1024 * 1024
@@ -147,6 +148,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--header-timeout", "header_timeout", float, "seconds allowed to receive a request head (slowloris)"),
     ("--body-timeout", "body_timeout", float, "seconds allowed between body reads / stalled writes"),
     ("--max-request-line", "max_request_line", int, "longest request target in bytes (414 above)"),
+    ("--max-header-field", "max_header_field", int, "largest single header field (name and value) in bytes "
+                                                    "(431 above)"),
     ("--max-header-size", "max_header_size", int, "largest total header size in bytes (431 above)"),
     ("--max-headers", "max_headers", int, "most request headers (431 above)"),
     ("--max-body-size", "max_body_size", int, "largest request body in bytes (413 above)"),

@@ -491,3 +491,17 @@ def test_app_without_lifespan_is_served(spawn: Callable[..., Worker], tmp_path: 
 
 
 assert SSA  # the worker tests are skipped (via the fixture module's marker) without systemd-socket-activate
+
+
+def test_trailers_never_reach_the_scope(asgi_engine: AsgiEngine) -> None:
+    """Streamed (the connection idle) and queued (behind a slow request) chunked requests alike: trailer fields
+    are dropped, never merged into scope["headers"]."""
+    seen.clear()
+    chunked = (b"POST /t HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+               b"Authorization: Bearer smuggled\r\nHost: evil.example.com\r\n\r\n")
+    out, _ = ask(asgi_engine, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n" + chunked + chunked, n=3)
+    assert [r[0] for r in out] == [200, 200, 200] and out[1][2] == b"POST /t q= body=abc"
+    for scope in seen[1:]:
+        names = [n for n, _ in scope["headers"]]
+        assert b"authorization" not in names and names.count(b"host") == 1, scope["headers"]
+        assert (b"host", b"example.com") in scope["headers"]

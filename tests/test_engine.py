@@ -209,6 +209,28 @@ MALFORMED = [
     ("many-headers", b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(25)) + b"\r\n",
      431),
     ("cl-too-big", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10001\r\n\r\n", 413),
+    # Host (RFC 9110 7.2): exactly one uri-host [":" port]
+    ("host-userinfo", b"GET / HTTP/1.1\r\nHost: user@localhost\r\n\r\n", 400),
+    ("host-path", b"GET / HTTP/1.1\r\nHost: localhost/path\r\n\r\n", 400),
+    ("host-empty", b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),
+    ("host-two-values", b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400),
+    ("host-bad-port", b"GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n", 400),
+    ("host-bad-literal", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+    ("host-1.0-invalid", b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n", 400),
+    ("asterisk-get", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("connect", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
+    ("absolute-bad-authority", b"GET http://u@evil/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("absolute-other-scheme", b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    # framing headers in disguise, and a repeated Content-Type, are refused rather than dropped or joined
+    ("underscore-te", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nContent-Length: 1\r\n\r\na", 400),
+    ("underscore-cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\nContent-Length: 1\r\n\r\na", 400),
+    ("two-content-types", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: a/b\r\nContent-Type: c/d\r\n"
+     b"Content-Length: 1\r\n\r\na", 400),
+    # trailers are bounded like a head
+    ("many-trailers", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+     + b"".join(b"X-T%d: 1\r\n" % i for i in range(25)) + b"\r\n", 431),
+    ("big-trailers", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+     + b"X-T: " + b"t" * 1100 + b"\r\n\r\n", 431),
     ("chunked-too-big", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
      + b"1000\r\n" + b"x" * 4096 + b"\r\n" + b"1000\r\n" + b"x" * 4096 + b"\r\n" + b"1000\r\n" + b"x" * 4096,
      413),
@@ -667,3 +689,49 @@ def test_environ_names_both_ends_of_each_connection(engine: Callable[..., Engine
             assert Reader(s).response()[0] == 200
         ports = [str(s.getsockname()[1]) for s in (a, b, a, b)]
     assert seen == [("127.0.0.1", str(e.port), "127.0.0.1", p) for p in ports]
+
+
+def environ_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    keys = ("HTTP_HOST", "HTTP_AUTHORIZATION", "HTTP_X_T", "PATH_INFO", "REQUEST_METHOD")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [repr({k: environ.get(k) for k in keys}).encode()]
+
+
+def test_trailers_never_reach_the_app(engine: Callable[..., Engine]) -> None:
+    """A trailer Authorization or Host is not a header a proxy in front ever saw: dropped, never merged."""
+    e = engine(environ_app)
+    raw = (b"POST /t HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n0\r\nAuthorization: Bearer smuggled\r\nHost: evil.example.com\r\nX-T: 1\r\n\r\n")
+    st, bodies, _ = exchange(e, raw + raw, n=2)  # the second one queued: the same holds for pipelined requests
+    assert st == [200, 200]
+    for body in bodies:
+        seen = eval(body)
+        assert seen["HTTP_HOST"] == "example.com" and seen["HTTP_AUTHORIZATION"] is None and seen["HTTP_X_T"] is None
+    assert exchange(e, b"GET /alive HTTP/1.1\r\nHost: a\r\n\r\n", n=1)[0] == [200]
+
+
+def test_host_forms_that_are_valid(engine: Callable[..., Engine]) -> None:
+    e = engine(environ_app)
+    for host in (b"example.com", b"example.com:8080", b"127.0.0.1:80", b"[::1]:8000", b"[::1]", b"xn--bcher-kva.ch"):
+        st, bodies, _ = exchange(e, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", n=1)
+        assert st == [200] and eval(bodies[0])["HTTP_HOST"] == host.decode(), host
+    st, bodies, _ = exchange(e, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", n=1)
+    assert st == [200] and eval(bodies[0])["REQUEST_METHOD"] == "OPTIONS"
+
+
+def test_absolute_form_authority_wins_over_host(engine: Callable[..., Engine]) -> None:
+    """RFC 9112 3.2.2: with an absolute-form target the server uses its authority and ignores Host."""
+    e = engine(environ_app)
+    st, bodies, _ = exchange(e, b"GET http://origin.example:81/p?q HTTP/1.1\r\nHost: other.example\r\n\r\n", n=1)
+    assert st == [200]
+    seen = eval(bodies[0])
+    assert seen["HTTP_HOST"] == "origin.example:81" and seen["PATH_INFO"] == "/p"
+
+
+def test_a_header_field_over_its_own_limit_is_431(engine: Callable[..., Engine]) -> None:
+    e = engine(limits=Limits(max_header_field=100, max_header_size=4096))
+    st, _, closed = exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 200 + b"\r\n\r\n", n=1)
+    assert st == [431] and closed
+    st, _, _ = exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\nX-Ok: " + b"b" * 80 + b"\r\n\r\n", n=1)
+    assert st == [200]
