@@ -359,7 +359,8 @@ def _replan(command: str) -> object:
     words = shlex.split(command)
     assert words[:2] == ["clusterctl", "generate"]
     ctx = generate_command.make_context("generate", [*words[2:], "--no-check-import"])
-    return plan_from_options(dict(ctx.params))
+    with ctx:
+        return plan_from_options(dict(ctx.params))
 
 
 @pytest.mark.parametrize("options", [{"app": "myapp:app", "workers": "2"}, NON_DEFAULT,
