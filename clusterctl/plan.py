@@ -612,6 +612,11 @@ def build_plan(
         raise ClusterctlError("--listen names the same address twice", "list each address once")
     if balance not in ("shared", "reuseport"):
         raise ClusterctlError(f"--balance {balance!r} is not shared or reuseport", "see README: Layouts")
+    unix = [a.path for a in addresses if a.kind == "unix"]
+    if balance == "reuseport" and unix:
+        raise ClusterctlError(f"--balance reuseport with --listen unix:{unix[0]}: the kernel does not spread unix "
+                              "socket connections across SO_REUSEPORT sockets, so one worker would get them all",
+                              "use --balance shared (the default) for a unix socket, or listen on a TCP address")
     if not 1 <= backlog <= 65535:
         raise ClusterctlError(f"--backlog {backlog} is out of range", "use 1-65535 (the kernel caps it at net.core.somaxconn)")
     if not 1 <= drain_timeout <= 3600:
