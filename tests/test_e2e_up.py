@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,11 +71,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The registry and up's units in a tmp dir; no CLUSTERCTL_SANDBOX to help."""
+def state(sandbox_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The registry and up's units in a tmp dir, no CLUSTERCTL_SANDBOX to help, and the sandboxes `up` boots
+    in a dir of their own: they have no owner pid, so another test session's reaper of pytest-* sandboxes
+    in the shared dir would take them for a crashed run's leftovers. All torn down afterwards."""
+    sandbox_factory.reap_once()
+    boxes = Path(tempfile.mkdtemp(prefix="clusterctl-test-", dir="/var/tmp"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("CLUSTERCTL_SANDBOX_DIR", str(boxes))
     monkeypatch.delenv("CLUSTERCTL_SANDBOX", raising=False)
-    return tmp_path / "state" / "clusterctl"
+    try:
+        yield tmp_path / "state" / "clusterctl"
+    finally:
+        for info in sb.ls():
+            sb.down(info.name, missing_ok=True)
+        shutil.rmtree(boxes, ignore_errors=True)
 
 
 def cli_ok(*args: str) -> str:
@@ -93,7 +106,8 @@ def get(port: int) -> bytes:
         return r.read()
 
 
-def test_up_then_every_command_by_name_and_up_converges(box: str, state: Path) -> None:
+def test_up_then_every_command_by_name_and_up_converges(state: Path) -> None:
+    box = "convbox"
     name = "convtest"
     port, port2 = free_port(), free_port()
     base = ["up", "--app", "examples.hello:app", "--name", name, "--working-dir", str(REPO), *user_args(),
@@ -107,7 +121,7 @@ def test_up_then_every_command_by_name_and_up_converges(box: str, state: Path) -
     assert "serving examples.hello:app" in cli_ok("logs", name, "-n", "50")
     assert "2/2 instances on the new code" in cli_ok("reload", name)
     assert "has no instance 9" in cli_error("logs", name, "--instance", "9")
-    assert "has no instance 'abc'" in cli_error("send", name, "abc", "{}")
+    assert "'abc' is not an instance number" in cli_error("send", name, "abc", "{}")
     assert "--since 'yesterdayish' is not a time journalctl understands" in cli_error(
         "logs", name, "--since", "yesterdayish")
     assert "cannot show the logs of nosuch" in cli_error("logs", "nosuch")
@@ -161,7 +175,8 @@ def app(environ, start_response):
 """
 
 
-def test_failed_up_stops_its_workers_and_says_down(box: str, state: Path, tmp_path: Path) -> None:
+def test_failed_up_stops_its_workers_and_says_down(state: Path, tmp_path: Path) -> None:
+    box = "crashbox"
     appdir = tmp_path / "crashy"  # under /tmp: bound into the sandbox, and back into the workers' private /tmp
     appdir.mkdir()
     (appdir / "crashy.py").write_text(CRASHES_UNDER_SYSTEMD)
@@ -179,10 +194,8 @@ def test_failed_up_stops_its_workers_and_says_down(box: str, state: Path, tmp_pa
     assert not sb.is_running(box)
 
 
-def test_two_apps_from_clusterctl_toml(sandbox_factory, state: Path, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    sandbox_factory.reap_once()
-    names = [f"pytest-{os.getpid()}-a", f"pytest-{os.getpid()}-b"]
+def test_two_apps_from_clusterctl_toml(state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ["tomla", "tomlb"]
     ports = [free_port(), free_port()]
     user = user_args()
     project = tmp_path / "project"
@@ -192,20 +205,16 @@ def test_two_apps_from_clusterctl_toml(sandbox_factory, state: Path, tmp_path: P
         f'listen = ["127.0.0.1:{p}"]\nenv = {{ APP_NAME = "{n}" }}\n' + (f'user = "{user[1]}"\n' if user else "")
         for k, (n, p) in enumerate(zip(names, ports, strict=True))))
     monkeypatch.chdir(project)
-    try:
-        out = cli_ok("up")
-        for n, p in zip(names, ports, strict=True):
-            assert f"sandbox {n}: real systemd booted" in out
-            assert get(p) == b"Hello, world!\n"
-        assert f"from {project / 'clusterctl.toml'} [apps.{names[0]}]" in (
-            state / "units" / names[0] / f"{names[0]}@.service").read_text().splitlines()[0]
-        out = cli_ok("reload")
-        assert f"{names[0]}: 1/1 instances on the new code" in out and f"{names[1]}: 2/2 instances" in out
-        status = cli_ok("status")
-        assert f"{names[0]}: 1 workers" in status and f"{names[1]}: 2 workers" in status
-        out = cli_ok("down")
-        assert all(f"sandbox {n}: down" in out for n in names)
-        assert not any(sb.is_running(n) for n in names)
-    finally:
-        for n in names:
-            sb.down(n, missing_ok=True)
+    out = cli_ok("up")
+    for n, p in zip(names, ports, strict=True):
+        assert f"sandbox {n}: real systemd booted" in out
+        assert get(p) == b"Hello, world!\n"
+    assert f"from {project / 'clusterctl.toml'} [apps.{names[0]}]" in (
+        state / "units" / names[0] / f"{names[0]}@.service").read_text().splitlines()[0]
+    out = cli_ok("reload")
+    assert f"{names[0]}: 1/1 instances on the new code" in out and f"{names[1]}: 2/2 instances" in out
+    status = cli_ok("status")
+    assert f"{names[0]}: 1 workers" in status and f"{names[1]}: 2 workers" in status
+    out = cli_ok("down")
+    assert all(f"sandbox {n}: down" in out for n in names)
+    assert not any(sb.is_running(n) for n in names)

@@ -24,8 +24,8 @@ def _message(text: str) -> dict:
 def _deliver(sd: Systemd, name: str, message: dict, instance: str | None) -> messaging.Delivery:
     sd.check()
     inst = ops.installed(sd, name)
-    if instance is not None and instance not in map(str, inst.instances):
-        raise ClusterctlError(f"nothing sent: {name} has no instance {instance!r} (it runs 1-{inst.workers})",
+    if instance is not None and not instance.isdigit():  # a number not running is reported by the delivery
+        raise ClusterctlError(f"nothing sent: {instance!r} is not an instance number ({name} runs 1-{inst.workers})",
                               f"name one of them, e.g. clusterctl send {name} 1 '{{\"reload\": true}}'")
     directory = messaging.runtime_dir(name, user=sd.user)
     try:
