@@ -10,7 +10,9 @@ JSON lines of our callback plugin, so each failure becomes one line naming the h
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -19,12 +21,13 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusterctl import __version__, proc
+from clusterctl import proc
 from clusterctl.errors import ClusterctlError
 from clusterctl.plan import NAME_RE, parse_app
 
@@ -116,13 +119,46 @@ def _app_files(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / f
 
 
-def _clusterctl_source() -> str:
-    """What `pip wheel` builds clusterctl from: this checkout if we run from one, else the released version."""
+def _clusterctl_source(work: Path) -> str:
+    """What `pip wheel` builds clusterctl from: this checkout if we run from one, else a wheel packed from the
+    installed distribution's own files (written into `work`), so the hosts get this very clusterctl even
+    where no index has its version."""
     src = Path(__file__).resolve().parent.parent
     pyproject = src / "pyproject.toml"
     if pyproject.is_file() and re.search(r'^name\s*=\s*"clusterctl"', pyproject.read_text(), re.M):
         return str(src)
-    return f"clusterctl=={__version__}"
+    return str(wheel_from_installed(importlib.metadata.distribution("clusterctl"), work))
+
+
+_NOT_SHIPPED = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")
+
+
+def wheel_from_installed(dist: importlib.metadata.Distribution, out: Path) -> Path:
+    """A wheel of an installed distribution, from the files its RECORD lists (byte-compiled files, scripts
+    outside site-packages and the installer's own notes left out) with a fresh RECORD."""
+    files = [f for f in dist.files or () if f.parts[0] != ".." and "__pycache__" not in f.parts
+             and f.suffix != ".pyc"]
+    info = next((f.parts[0] for f in files if f.parts[0].endswith(".dist-info")), None)
+    name = dist.metadata["Name"]
+    if info is None or not any(f.parts[0] == name.replace("-", "_") for f in files):
+        raise ClusterctlError(f"the installed {name} has no package files to ship (an editable install?)",
+                              "deploy from its source checkout, or pass --wheels DIR with a built wheel")
+    tag = next((ln.split(":", 1)[1].strip() for ln in (dist.read_text("WHEEL") or "").splitlines()
+                if ln.startswith("Tag:")), "py3-none-any")
+    path = out / f"{name.replace('-', '_')}-{dist.version}-{tag}.whl"
+    out.mkdir(parents=True, exist_ok=True)
+    record = []
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as whl:
+        for f in files:
+            if f.parts[0] == info and f.name in _NOT_SHIPPED:
+                continue
+            data = Path(str(f.locate())).read_bytes()
+            whl.writestr(f.as_posix(), data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{f.as_posix()},sha256={digest},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        whl.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return path
 
 
 def build_wheels(out: Path, app_wheel: Path | None = None, requirements: Path | None = None) -> list[Path]:
@@ -131,13 +167,17 @@ def build_wheels(out: Path, app_wheel: Path | None = None, requirements: Path | 
     Built with this interpreter's pip, so the hosts must share this machine's platform and Python minor
     version (or pass --wheels with wheels built for them)."""
     out.mkdir(parents=True, exist_ok=True)
+    packed = Path(tempfile.mkdtemp(prefix="clusterctl-wheel-"))
     argv = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(out),
-            _clusterctl_source(), "pip"]
+            _clusterctl_source(packed), "pip"]
     if app_wheel is not None:
         argv.append(str(app_wheel))
     if requirements is not None:
         argv += ["-r", str(requirements)]
-    result = proc.run(argv, check=False, timeout=900)
+    try:
+        result = proc.run(argv, check=False, timeout=900)
+    finally:
+        shutil.rmtree(packed, ignore_errors=True)
     if result.returncode != 0:
         tail = "; ".join((result.stderr or result.stdout or "").strip().splitlines()[-3:])
         raise ClusterctlError(f"could not build the wheels for the hosts: {tail or 'pip wheel failed'}",

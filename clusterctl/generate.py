@@ -110,6 +110,14 @@ def generate_command(plan: Plan) -> str:
     return shlex.join(argv + plan.ws_args)
 
 
+def header(plan: Plan) -> str:
+    """The units' first lines: what made them, and how to make them again (from the file when there is one)."""
+    if plan.config:
+        return (f"{HEADER_MARK} {__version__} from {plan.config}; edit that file and run `clusterctl up` rather "
+                f"than edit this.\n# The same as: {generate_command(plan)}")
+    return f"{HEADER_MARK} {__version__}; regenerate rather than edit:\n# {generate_command(plan)}"
+
+
 def render(plan: Plan) -> dict[str, str]:
     """{file name: unit text} for the plan's layout."""
     env = jinja2.Environment(
@@ -124,7 +132,7 @@ def render(plan: Plan) -> dict[str, str]:
     socket = socket_unit(n, plan.balance, "%i")
     words = worker_argv(plan)
     context = {
-        "header": f"{HEADER_MARK} {__version__}; regenerate rather than edit:\n# {generate_command(plan)}",
+        "header": header(plan),
         "name": n,
         "app": plan.app,
         "workers": plan.workers,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clusterctl import messaging
+from clusterctl import messaging, proc
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.plan import NAME_RE, socket_unit
 from clusterctl.systemd import Systemd
@@ -79,16 +79,21 @@ def _manifest(sd: Systemd, name: str) -> Path:
     return sd.path(sd.state_dir) / f"{name}.json"
 
 
-def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = False,
-            progress: Progress = print) -> list[str]:
-    """Copy a generated unit directory into the manager's unit dir, daemon-reload, enable/start the target."""
+def source_name(source: Path) -> str:
+    """The cluster name of a directory of generated units (its one NAME.target)."""
     if not source.is_dir():
         raise ClusterctlError(f"{source} is not a directory of generated units", "run clusterctl generate first")
     targets = sorted(source.glob("*.target"))
     if len(targets) != 1:
         raise ClusterctlError(f"{source} should hold exactly one NAME.target, found {len(targets)}",
                               "point install at one output directory of clusterctl generate")
-    name = check_name(targets[0].name.removesuffix(".target"))
+    return check_name(targets[0].name.removesuffix(".target"))
+
+
+def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = False,
+            progress: Progress = print) -> list[str]:
+    """Copy a generated unit directory into the manager's unit dir, daemon-reload, enable/start the target."""
+    name = source_name(source)
     files = sorted(p for p in source.iterdir()
                    if p.is_file() and p.name.startswith((f"{name}.", f"{name}@.", f"{name}-listen@.",
                                                          f"{name}-task.")))  # messaging: the periodic task
@@ -104,6 +109,14 @@ def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = Fa
         tmp.replace(dest)
         written.append(f"{sd.unit_dir}/{f.name}")
     manifest = _manifest(sd, name)
+    # files an earlier install wrote that this one does not (a task dropped, the other socket layout): gone
+    previous = json.loads(manifest.read_text()).get("files", []) if manifest.is_file() else []
+    stale = [f for f in previous if f not in written]
+    if stale:  # a template's instances by glob (NAME-listen@*.socket)
+        sd.systemctl("stop", *(Path(f).name.replace("@.", "@*.") for f in stale), check=False)
+    for f in stale:
+        sd.path(f).unlink(missing_ok=True)
+        progress(f"removed {f}")
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"name": name, "files": written, "unit_dir": sd.unit_dir}, indent=2) + "\n")
     for w in written:
@@ -531,6 +544,14 @@ def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: 
         return new
     _rewrite_target(sd, inst, new)
     sd.systemctl("daemon-reload")
+    resize(sd, inst, new, timeout=timeout, progress=progress)
+    return new
+
+
+def resize(sd: Systemd, inst: Installed, new: int, *, timeout: float = 120, progress: Progress = print) -> None:
+    """Start or drain-and-stop instances to go from `inst` (as it ran) to `new` workers, once the target on
+    disk already says `new`; a start that fails puts the target back to the old count."""
+    name = inst.name
     if new > inst.workers:
         units = [inst.service(i) for i in range(inst.workers + 1, new + 1)]
         try:
@@ -542,7 +563,7 @@ def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: 
             raise ClusterctlError(f"{name}: new instances did not come up: {_unit_failure(sd, units[0]) or e.message}; "
                                   f"kept {inst.workers} workers", f"see clusterctl logs {name}") from e
         progress(f"{name}: started {', '.join(units)} (READY)")
-    else:
+    elif new < inst.workers:
         units = [inst.service(i) for i in range(new + 1, inst.workers + 1)]
         if inst.balance == "reuseport":
             # Close systemd's copy of each leaving worker's socket first, leaving the worker running (it still
@@ -555,7 +576,6 @@ def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: 
         sd.systemctl("stop", *units, timeout=timeout)
         progress(f"{name}: drained and stopped {', '.join(units)}")
     progress(f"{name}: {new} workers (was {inst.workers})")
-    return new
 
 
 # --- logs -------------------------------------------------------------------------------------------------
@@ -566,9 +586,20 @@ LOG_FIELDS = ("METHOD", "PATH", "STATUS", "DURATION_MS", "BYTES", "INSTANCE")
 def logs(sd: Systemd, name: str, *, follow: bool = False, lines: int | None = 50, instance: str | None = None,
          since: str | None = None, as_json: bool = False) -> Iterator[str]:
     """Journal lines of every instance, merged in time order, each prefixed by its instance."""
-    check_name(name)
+    inst = installed(sd, name)
+    if lines is not None and lines < 0:
+        raise ClusterctlError(f"--lines {lines} is negative", "e.g. -n 50, or -n 0 with -f for new lines only")
     if instance is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", instance):
         raise ClusterctlError(f"--instance {instance!r} is not an instance name", "e.g. --instance 2")
+    if instance is not None and instance not in map(str, inst.instances) and not sd.journalctl(
+            "-q", "-n", "1", "-o", "cat", "-u", f"{name}@{instance}.service").strip():
+        raise ClusterctlError(f"{name} has no instance {instance} (it runs {inst.workers}) and none ever logged",
+                              f"pick one of 1-{inst.workers}, see clusterctl status {name}")
+    if since:
+        r = proc.run(sd.journalctl_argv("-q", "-n", "0", "--since", since), check=False, timeout=60)
+        if r.returncode != 0:
+            raise ClusterctlError(f"--since {since!r} is not a time journalctl understands",
+                                  "e.g. --since '10 min ago', --since today, --since '2026-11-30 12:00:00'")
     pattern = f"{name}@{instance}.service" if instance else f"{name}@*.service"
     args = ["-u", pattern, "-o", "json", "--output-fields=" + ",".join(
         ("MESSAGE", "_SYSTEMD_UNIT", "UNIT", "__REALTIME_TIMESTAMP", "_PID", "PRIORITY", *LOG_FIELDS))]

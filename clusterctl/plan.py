@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shlex
 import stat
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from clusterctl.cores import CpuBudget, usable_cpus
-from clusterctl.errors import ClusterctlError
+from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.proc import run
 from clusterctl.worker import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
 
@@ -117,6 +118,8 @@ class Plan:
     task: str | None = None
     every: str | None = None
     cpu_budget: CpuBudget | None = field(default=None, compare=False)
+    # The clusterctl.toml table the plan came from ("/srv/app/clusterctl.toml [apps.web]"), for the header.
+    config: str | None = None
     # Things that will not stop generate but will likely stop the workers; the CLI prints them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -302,13 +305,44 @@ def parse_env(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]
     return tuple(out)
 
 
+# Below this a worker cannot even import the runtime (an idle one uses ~20-30M): systemd would OOM-kill it in a loop.
+MIN_MEMORY = 32 * 1024**2
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
 def parse_size(value: str | None, option: str) -> str | None:
+    """MemoryMax=/MemoryHigh=: a size systemd parses and a worker can live in (>= 32M, or 1-100%)."""
     if value is None:
         return None
     if not SIZE_RE.match(value):
         raise ClusterctlError(f"{option} {value!r} is not a size",
                               f"use bytes with K, M, G or T (e.g. {option} 512M), a percentage, or infinity")
+    if value.endswith("%") and not 1 <= int(value[:-1]) <= 100:
+        raise ClusterctlError(f"{option} {value} is not a share of the machine's memory",
+                              f"use 1% to 100%, or a size such as {option} 512M")
+    amount = size_amount(value)
+    if amount is not None and amount < MIN_MEMORY:
+        raise ClusterctlError(f"{option} {value} is too little for a Python worker (an idle one needs ~25M), so "
+                              "systemd would kill every start", f"give it at least 64M, e.g. {option} 512M")
     return value
+
+
+def size_amount(value: str) -> int | None:
+    """Bytes of an absolute size (`512M`), None for a percentage or infinity."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", value)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def check_memory(high: str | None, low_max: str | None) -> None:
+    """MemoryHigh= above MemoryMax= never throttles: the hard limit kills first. Compare like with like."""
+    if not high or not low_max:
+        return
+    a, b = size_amount(high), size_amount(low_max)
+    if a is None and b is None and high.endswith("%") and low_max.endswith("%"):
+        a, b = int(high[:-1]), int(low_max[:-1])
+    if a is not None and b is not None and a > b:
+        raise ClusterctlError(f"--memory-high {high} is above --memory-max {low_max}: the soft limit must be the lower one",
+                              f"e.g. --memory-high {low_max} --memory-max {high}, or drop one of them")
 
 
 def parse_bytes(value: str, option: str) -> int:
@@ -352,6 +386,12 @@ def parse_user(user: str | None) -> str | None:
         raise ClusterctlError(f"--user {user}: nobody owns files of other services, so sharing it is not isolation "
                               "(systemd warns: 'Special user nobody configured, this is not safe!')",
                               "leave --user out for a DynamicUser= per worker, or create a dedicated user")
+    try:
+        pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ClusterctlError(f"--user {user}: no such user on this host, so every worker would fail (217/USER)",
+                              f"create it (useradd --system --no-create-home {user}), or leave --user out for a "
+                              "dynamic user") from None
     return user
 
 
@@ -463,8 +503,12 @@ try:
     obj = importlib.import_module(mod_name)
 except ModuleNotFoundError as e:
     out(error="module", detail=str(e), missing=e.name)
+except SyntaxError as e:
+    out(error="import", detail=f"{type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno})")
 except BaseException as e:
-    out(error="import", detail=traceback.format_exception_only(e)[-1].strip())
+    tb = traceback.extract_tb(e.__traceback__)
+    at = f" ({tb[-1].filename}, line {tb[-1].lineno})" if tb else ""
+    out(error="import", detail=traceback.format_exception_only(e)[-1].strip() + at)
 for part in attr.split("."):
     if not hasattr(obj, part):
         out(error="attr", detail=part)
@@ -473,13 +517,22 @@ out(ok=callable(obj), kind=type(obj).__name__)
 """
 
 
+IMPORT_TIMEOUT = 30.0
+
+
 def check_import(app: str, python: str, working_dir: str, option: str = "--app") -> None:
     """Import the app with the workers' python, from their working directory, and confirm a callable.
 
     Done in a child process so the check sees exactly what a worker will see (its interpreter, its
     site-packages, its cwd) and so the app's import side effects stay out of this process.
     """
-    result = run([python, "-c", _CHECK, app], check=False, cwd=working_dir, timeout=60)
+    try:
+        result = run([python, "-c", _CHECK, app], check=False, cwd=working_dir, timeout=IMPORT_TIMEOUT)
+    except CommandError:  # the timeout: say what it means, not the check script's command line
+        raise ClusterctlError(
+            f"{option} {app}: importing it with {python} did not finish within {IMPORT_TIMEOUT:g}s (does it wait for "
+            "a database or the network at import time?)",
+            "make the import return promptly (connect on first use), or skip the check with --no-check-import") from None
     lines = (result.stdout or "").strip().splitlines()
     try:
         verdict = json.loads(lines[-1]) if lines else None
@@ -530,7 +583,7 @@ def _protect_home(value: str | None, harden: bool, paths: list[tuple[str, str]])
     return value
 
 
-def _tmp_binds(paths: list[str]) -> tuple[str, ...]:
+def tmp_binds(paths: list[str]) -> tuple[str, ...]:
     """PrivateTmp= gives each worker an empty /tmp and /var/tmp; an app or venv that lives there (a CI
     checkout, a demo) is bound back in read-only (BindReadOnlyPaths=), top-level entry by entry."""
     out: list[str] = []
@@ -586,6 +639,11 @@ def build_plan(
         raise ClusterctlError("--listen names the same address twice", "list each address once")
     if balance not in ("shared", "reuseport"):
         raise ClusterctlError(f"--balance {balance!r} is not shared or reuseport", "see README: Layouts")
+    unix = [a.path for a in addresses if a.kind == "unix"]
+    if balance == "reuseport" and unix:
+        raise ClusterctlError(f"--balance reuseport with --listen unix:{unix[0]}: the kernel does not spread unix "
+                              "socket connections across SO_REUSEPORT sockets, so one worker would get them all",
+                              "use --balance shared (the default) for a unix socket, or listen on a TCP address")
     if not 1 <= backlog <= 65535:
         raise ClusterctlError(f"--backlog {backlog} is out of range", "use 1-65535 (the kernel caps it at net.core.somaxconn)")
     if not 1 <= drain_timeout <= 3600:
@@ -602,22 +660,28 @@ def build_plan(
         raise ClusterctlError(*bad)
     extra = parse_worker_args(worker_args)
     task, every = parse_task(task, every)
+    check_memory(parse_size(memory_high, "--memory-high"), parse_size(memory_max, "--memory-max"))
     py = resolve_python(python)
     wd = resolve_working_dir(working_dir)
     rw = parse_rw_paths(rw_path)
     needed = [("--python", py), ("--python", os.path.realpath(py)), ("--working-dir", wd),
               ("--working-dir", os.path.realpath(wd)), *(("--rw-path", p) for p in rw)]
     home = _protect_home(protect_home, harden, needed)
-    bind_ro = _tmp_binds([p for opt, p in needed if opt != "--rw-path"]) if harden else ()
+    bind_ro = tmp_binds([p for opt, p in needed if opt != "--rw-path"]) if harden else ()
     warnings = []
     if harden and user is None:
-        for option, path in (("--python", py), ("--working-dir", wd)):
-            if not readable_by_anyone(path):
-                warnings.append(
-                    f"{option} {os.path.realpath(path)} is not readable by other users, so a worker with a dynamic "
-                    "user (the default without --user) will fail to start: install the app and its venv under a "
-                    "world-readable path (e.g. /opt or /srv), or pass --user with an account that can read it "
-                    "(--user root gives up that isolation)")
+        if not readable_by_anyone(py):
+            raise ClusterctlError(
+                f"--python {os.path.realpath(py)} is not readable by other users, so the workers' dynamic user (the "
+                "default without --user) could not run it (203/EXEC)",
+                "use a venv made from a world-readable python such as /usr/bin/python3 (not one under /root), or "
+                "pass --user with an account that can read it")
+        if not readable_by_anyone(wd):
+            warnings.append(
+                f"--working-dir {os.path.realpath(wd)} is not readable by other users, so a worker with a dynamic "
+                "user (the default without --user) will fail to start: install the app under a world-readable path "
+                "(e.g. /opt or /srv), or pass --user with an account that can read it (--user root gives up that "
+                "isolation)")
     if harden and not is_under(wd, rw):
         for db in sqlite_databases(wd):
             who = "--user OWNER (an account that may write it) and " if user is None else ""

@@ -565,6 +565,13 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
     for unit in (*unmask, *wants):
         if not _UNIT_RE.fullmatch(unit):
             raise ClusterctlError(f"bad unit name {unit!r}", "give full unit names such as dbus.socket")
+    for unit in wants:
+        template = re.sub(r"@[^.]+\.", "@.", unit)
+        if not any(os.path.exists(os.path.join(d, u)) for d in UNIT_DIRS for u in (unit, template)):
+            raise ClusterctlError(f"--wants {unit}: no such unit in {', '.join(UNIT_DIRS)}",
+                                  "name an installed unit (systemctl list-unit-files lists them), e.g. dbus.socket")
+    if not timeout > 0:
+        raise ClusterctlError(f"--timeout {timeout:g} leaves no time to boot", "give it seconds, e.g. --timeout 60")
     cfg = SandboxConfig(name, tuple(Bind.parse(b) for b in binds), net, cgroup, tuple(unmask), tuple(wants),
                         with_dbus, timeout, owner)
     check_host()
@@ -611,7 +618,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
         f"sandbox {name!r} did not boot ({why}, state={state!r})\n"
         f"--- console ({sd}/console.log) ---\n{console}\n--- systemctl --failed ---\n{failed}"
         + (f"--- supervisor ---\n{sup_log}\n" if sup_log else ""),
-        f"read {sd}/console.log; raise --timeout if the machine is slow")
+        f"read {sd}/console.log; raise --timeout if the machine is slow; `clusterctl sandbox down {name}` removes it")
 
 
 def _kill_cgroup_procs(name: str) -> None:

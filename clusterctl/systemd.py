@@ -57,10 +57,11 @@ class Systemd:
         if self.sandbox:
             sb.pid(self.sandbox)  # raises a clear error if the sandbox is not running
         elif not self.user and not os.path.isdir("/run/systemd/system"):
+            running = [i.name for i in sb.ls() if i.pid]
             raise ClusterctlError(
-                "systemd is not running as PID 1 on this host, so there is nothing to install into",
-                "boot a real one with `clusterctl sandbox up S` and pass --sandbox S (or use `clusterctl up`, "
-                "which does both)")
+                "systemd is not running as PID 1 on this host, so there is no system manager here"
+                + (f" (running sandboxes: {', '.join(running)})" if running else ""),
+                "pass --sandbox S to use a clusterctl sandbox, or run `clusterctl up`, which boots one")
         r = self.systemctl("is-system-running", check=False, timeout=30)
         state = r.stdout.strip()
         if state in ("", "offline", "unknown"):

@@ -141,6 +141,16 @@ def sandbox_host(sandbox: sb.Sandbox) -> testinfra.host.Host:
     return testinfra_host(sandbox.name)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_clusterctl_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The records of where clusters run, and `up`'s units, in a tmp dir: tests never touch the user's
+    ~/.local/state/clusterctl (tests that need their own set XDG_STATE_HOME again)."""
+    state = tmp_path_factory.mktemp("xdg-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", str(state))
+        yield state
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SANDBOX_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -91,3 +91,72 @@ def test_failure_prefers_the_rescue_report_and_names_the_others() -> None:
     assert err is not None and err.message == "h1: release X failed (also failed: h2)"
     assert dp.failure([{"event": "ok", "host": "h1"}, {"event": "stats", "hosts": {"h1": {}}}]) is None
     assert "no host" in str(dp.failure([{"event": "stats", "hosts": {}}]))
+
+
+def test_wheel_from_an_installed_clusterctl_installs_without_an_index(tmp_path: Path) -> None:
+    """deploy from a pip-installed clusterctl (no checkout) ships that clusterctl: a wheel packed from the
+    installed files, installable with no index at all."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    import zipfile
+
+    site = tmp_path / "site"
+    (site / "clusterctl" / "templates").mkdir(parents=True)
+    (site / "clusterctl" / "__init__.py").write_text('__version__ = "9.9.9"\n')
+    (site / "clusterctl" / "templates" / "app.target.j2").write_text("[Unit]\n")
+    (site / "clusterctl" / "__pycache__").mkdir()
+    (site / "clusterctl" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    info = site / "clusterctl-9.9.9.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clusterctl\nVersion: 9.9.9\n")
+    (info / "WHEEL").write_text("Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    (info / "INSTALLER").write_text("pip\n")
+    (info / "RECORD").write_text("".join(f"{p},,\n" for p in (
+        "clusterctl/__init__.py", "clusterctl/templates/app.target.j2", "clusterctl/__pycache__/x.pyc",
+        "clusterctl-9.9.9.dist-info/METADATA", "clusterctl-9.9.9.dist-info/WHEEL",
+        "clusterctl-9.9.9.dist-info/INSTALLER", "clusterctl-9.9.9.dist-info/RECORD", "../../bin/clusterctl")))
+    wheel = dp.wheel_from_installed(importlib.metadata.PathDistribution(info), tmp_path / "out")
+    assert wheel.name == "clusterctl-9.9.9-py3-none-any.whl"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "clusterctl/templates/app.target.j2" in names and "clusterctl-9.9.9.dist-info/RECORD" in names
+    assert not any("__pycache__" in n or "INSTALLER" in n or n.startswith("..") for n in names)
+    target = tmp_path / "target"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--disable-pip-version-check",
+                    "--target", str(target), str(wheel)], check=True)
+    assert (target / "clusterctl" / "__init__.py").read_text() == '__version__ = "9.9.9"\n'
+    assert (target / "clusterctl" / "templates" / "app.target.j2").is_file()
+
+
+def test_wheel_from_an_editable_install_is_refused(tmp_path: Path) -> None:
+    import importlib.metadata
+
+    info = tmp_path / "clusterctl-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clusterctl\nVersion: 1.0\n")
+    (info / "RECORD").write_text("__editable__.clusterctl-1.0.pth,,\nclusterctl-1.0.dist-info/METADATA,,\n")
+    with pytest.raises(ClusterctlError, match="editable"):
+        dp.wheel_from_installed(importlib.metadata.PathDistribution(info), tmp_path / "out")
+
+
+def test_deploy_takes_its_app_from_clusterctl_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from clusterctl.cli import cli
+
+    seen: dict[str, object] = {}
+
+    def fake_deploy(inventory: Path, **kw: object) -> None:
+        seen.update(kw)
+        raise ClusterctlError("stop here")
+
+    monkeypatch.setattr(dp, "deploy", fake_deploy)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clusterctl.toml").write_text(
+        '[apps.web]\napp = "myapp:app"\nworkers = 3\nlisten = ["0.0.0.0:8000"]\nenv = { A = "1" }\n'
+        'memory-max = "512M"\nharden = false\nworking-dir = "/home/me/src"\n')
+    result = CliRunner().invoke(cli, ["deploy", "--inventory", "hosts.ini", "--generate-arg=--tasks-max=64"])
+    assert "stop here" in result.output
+    assert seen["name"] == "web" and seen["app"] == "myapp:app" and seen["workers"] == "3"
+    assert seen["listen"] == ("0.0.0.0:8000",)
+    assert seen["generate_args"] == ("--env=A=1", "--memory-max=512M", "--no-harden", "--tasks-max=64")

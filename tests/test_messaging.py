@@ -440,7 +440,7 @@ def test_cli_broadcast_not_saved_exits_non_zero(monkeypatch: pytest.MonkeyPatch)
 
     delivery = messaging.Delivery("broadcast", 7, received=["1", "2"],
                                   not_saved="cannot write /run/web/state.json: No space left on device")
-    monkeypatch.setattr(cli_messaging, "_sd", lambda sandbox, user: None)
+    monkeypatch.setattr(cli_messaging, "locate", lambda name, sandbox, user, doing: None)
     monkeypatch.setattr(cli_messaging, "_deliver", lambda sd, name, msg, instance: delivery)
     r = CliRunner().invoke(cli, ["broadcast", "web", '{"a": 1}'])
     assert r.exit_code == 2, r.output

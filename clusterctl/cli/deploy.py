@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from clusterctl import config
 from clusterctl import deploy as dp
 from clusterctl.cli import cli
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
@@ -40,6 +41,7 @@ def deploy(inventory: Path | None, release: Path | None, rollback: bool, serial:
         return
     if inventory is None:
         raise ClusterctlError("deploy needs --inventory", "e.g. clusterctl deploy --inventory hosts.ini --release dist/app.whl")
+    name, app, workers, listen, generate_args = _from_file(name, app, workers, listen, generate_args)
     result = dp.deploy(inventory, release=release, rollback=rollback, name=name, app=app, workers=workers,
                        listen=listen, generate_args=generate_args, serial=serial, health_url=health_url,
                        timeout=timeout, check=check, wheels=wheels, progress=click.echo)
@@ -49,6 +51,45 @@ def deploy(inventory: Path | None, release: Path | None, rollback: bool, serial:
     switched = [h.host for h in result.hosts if h.switched]
     click.echo(f"deployed {result.release if not rollback else 'the previous release'} to {len(result.hosts)} host(s)"
                f" ({len(switched)} switched, {len(result.hosts) - len(switched)} already on it)")
+
+
+# Keys of the file that name paths on this machine, not on the hosts.
+_LOCAL_ONLY = ("working_dir", "python", "check_import")
+
+
+def _from_file(name: str | None, app: str | None, workers: str | None, listen: tuple[str, ...],
+               generate_args: tuple[str, ...]) -> tuple[str | None, str | None, str | None, tuple[str, ...], tuple[str, ...]]:
+    """Without --app, the app of ./clusterctl.toml (the one --name picks): its name, app, workers and listen,
+    and its other keys as generate arguments for the hosts; options given here still win."""
+    path = config.find()
+    if path is None or app:
+        return name, app, workers, listen, generate_args
+    from clusterctl.cli.generate import generate as generate_command
+
+    options = {str(o.name): o for o in generate_command.params if isinstance(o, click.Option)}
+    apps = config.load(path, options.values(), [name] if name else [])
+    if len(apps) > 1:
+        raise ClusterctlError(f"deploy ships one app, and {path} has {', '.join(a.name for a in apps)}",
+                              "pick one with --name")
+    values = dict(apps[0].values)
+    for key in _LOCAL_ONLY:
+        values.pop(key, None)
+    file_listen = tuple(values.pop("listen", ()))
+    file_workers = values.pop("workers", None)
+    args: list[str] = []
+    for key, value in values.items():
+        if key == "app":
+            continue
+        flag = options[key].opts[0]
+        if isinstance(value, bool):
+            off = options[key].secondary_opts
+            args += [flag] if value else off[:1]
+        elif isinstance(value, tuple):
+            args += [f"{flag}={v}" for v in value]
+        else:
+            args.append(f"{flag}={value}")
+    return (name or apps[0].name, str(values["app"]), workers or file_workers, listen or file_listen,
+            (*args, *generate_args))
 
 
 def print_fleet_status(inventory: Path, name: str | None, as_json: bool) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from clusterctl import config
 from clusterctl import generate as gen
 from clusterctl.cli import cli
+from clusterctl.errors import ClusterctlError
 from clusterctl.plan import (
     BACKLOG,
     DRAIN_TIMEOUT,
@@ -21,6 +24,7 @@ from clusterctl.plan import (
     WS_PING_TIMEOUT,
     Plan,
     build_plan,
+    default_name,
     parse_bytes,
 )
 
@@ -38,7 +42,8 @@ class _Bytes(click.ParamType):
 
 
 _PLAN_OPTIONS = [
-    click.option("--app", required=True, metavar="MODULE:CALLABLE", help="The WSGI app, e.g. myproject.wsgi:application."),
+    click.option("--app", metavar="MODULE:CALLABLE",
+                 help="The WSGI/ASGI app, e.g. myproject.wsgi:application (default: every app of ./clusterctl.toml)."),
     click.option("--name", metavar="NAME", help="Unit name prefix (default: the app module's last part)."),
     click.option("--workers", default="auto", show_default=True, metavar="auto|N",
                  help="Worker instances; auto = usable CPUs (affinity and cgroup quota)."),
@@ -98,17 +103,62 @@ def plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def plan_from_options(options: dict[str, Any]) -> Plan:
-    """Build the Plan from the plan options; pops them so the caller keeps only its own."""
-    keys = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
-            "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
-            "backlog", "drain_timeout", "watchdog_sec", "timeout", "interface", "ws_max_size", "ws_per_message_deflate",
-            "ws_ping_interval", "ws_ping_timeout", "worker_args", "every", "task")
-    kwargs = {k: options.pop(k) for k in keys}
-    plan = build_plan(**kwargs, check=options.pop("check_import"))
+PLAN_KEYS = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
+             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
+             "backlog", "drain_timeout", "watchdog_sec", "timeout", "interface", "ws_max_size", "ws_per_message_deflate",
+             "ws_ping_interval", "ws_ping_timeout", "worker_args", "every", "task", "check_import")
+
+
+def plans_from_options(options: dict[str, Any]) -> list[Plan]:
+    """The Plans the plan options ask for; pops them so the caller keeps only its own.
+
+    With --app alone: that one app. With a clusterctl.toml (or [tool.clusterctl]) in the current
+    directory: every app in it, or the one --name (or --app's default name) names, each with the options
+    given on the command line laid over its table."""
+    ctx = click.get_current_context()
+    given = {k: options.pop(k) for k in PLAN_KEYS}
+    explicit = {k for k in PLAN_KEYS if ctx.get_parameter_source(k) in
+                (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    path = config.find()
+    name = given["name"] or (default_name(given["app"]) if given["app"] else None)
+    if path is None or (given["app"] and name not in config.app_names(path)):
+        if not given["app"]:
+            raise ClusterctlError(f"{ctx.info_name} needs --app MODULE:CALLABLE, or a {config.FILE} here with "
+                                  "[apps.NAME] tables", "e.g. --app myproject.wsgi:application (see README: clusterctl.toml)")
+        return [_plan(given, None, set())]
+    params = [p for p in ctx.command.params if isinstance(p, click.Option) and p.name in PLAN_KEYS]
+    plans = []
+    for app in config.load(path, params, [name] if name else []):
+        values = {**given, **app.values, **{k: given[k] for k in explicit}, "name": app.name}
+        plans.append(_plan(values, app, set(app.values) - explicit))
+    return plans
+
+
+def _plan(values: dict[str, Any], app: config.AppConfig | None, from_file: set[str]) -> Plan:
+    kwargs = dict(values)
+    check = kwargs.pop("check_import")
+    try:
+        plan = build_plan(**kwargs, check=check)
+    except ClusterctlError as e:
+        # name the file when the value that failed came from it ("--memory-max '1' ..." -> its key)
+        key = next((k for k in from_file if e.message.startswith(f"--{k.replace('_', '-')} ")), None)
+        if app is None or key is None:
+            raise
+        raise ClusterctlError(f"{app.origin}: {e.message.removeprefix('--')}", e.fix) from None
+    if app is not None:
+        plan = dataclasses.replace(plan, config=app.origin)
     for warning in plan.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     return plan
+
+
+def plan_from_options(options: dict[str, Any]) -> Plan:
+    """The one Plan of the plan options (commands that handle a single cluster)."""
+    plans = plans_from_options(options)
+    if len(plans) != 1:
+        raise ClusterctlError(f"{config.find()} has {len(plans)} apps: {', '.join(p.name for p in plans)}",
+                              "pick one with --name")
+    return plans[0]
 
 
 @cli.command()
@@ -119,8 +169,19 @@ def plan_from_options(options: dict[str, Any]) -> Plan:
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the units with systemd-analyze verify.")
 @click.option("--verbose", "-v", is_flag=True, help="Explain the worker count and the plan.")
 def generate(output: Path | None, show_diff: bool, force: bool, verify: bool, verbose: bool, **options: Any) -> None:
-    """Render systemd units for a WSGI app: a socket, NAME@.service workers and NAME.target."""
-    plan = plan_from_options(options)
+    """Render systemd units for a WSGI/ASGI app: a socket, NAME@.service workers and NAME.target.
+
+    Without --app, every app of the clusterctl.toml in this directory (units/NAME each)."""
+    plans = plans_from_options(options)
+    if output is not None and len(plans) > 1:
+        raise ClusterctlError(f"--output names one directory, but {len(plans)} apps are generated",
+                              "leave --output out (units/NAME each), or pick one app with --name")
+    for plan in plans:
+        _generate_one(plan, output if output is not None else Path("units") / plan.name, show_diff=show_diff,
+                      force=force, verify=verify, verbose=verbose)
+
+
+def _generate_one(plan: Plan, out: Path, *, show_diff: bool, force: bool, verify: bool, verbose: bool) -> None:
     if verbose:
         if plan.cpu_budget is not None:
             click.echo(f"workers: {plan.cpu_budget.explain()}")
@@ -130,7 +191,6 @@ def generate(output: Path | None, show_diff: bool, force: bool, verify: bool, ve
         click.echo(f"python: {plan.python}; working dir: {plan.working_dir}")
         if plan.task:
             click.echo(f"task: {plan.task} every {plan.every} (broadcast to every worker)")
-    out = output if output is not None else Path("units") / plan.name
     if show_diff:
         diff, _stale = gen.diff_against(out, gen.render(plan), plan.name)
         click.echo(diff or f"{out}: up to date", nl=not diff)

@@ -7,8 +7,9 @@ import click
 
 from clusterctl import messaging, ops
 from clusterctl.cli import cli
-from clusterctl.cli.ops import _sd, target_options
+from clusterctl.cli.ops import target_options
 from clusterctl.errors import ClusterctlError
+from clusterctl.registry import locate
 from clusterctl.systemd import Systemd
 
 
@@ -23,6 +24,9 @@ def _message(text: str) -> dict:
 def _deliver(sd: Systemd, name: str, message: dict, instance: str | None) -> messaging.Delivery:
     sd.check()
     inst = ops.installed(sd, name)
+    if instance is not None and not instance.isdigit():  # a number not running is reported by the delivery
+        raise ClusterctlError(f"nothing sent: {instance!r} is not an instance number ({name} runs 1-{inst.workers})",
+                              f"name one of them, e.g. clusterctl send {name} 1 '{{\"reload\": true}}'")
     directory = messaging.runtime_dir(name, user=sd.user)
     try:
         return messaging.deliver(sd.path(directory), message, instance=instance,
@@ -46,7 +50,7 @@ def broadcast(name: str, message: str, sandbox: str | None, user_manager: bool) 
     get it when they start.
     """
     msg = _message(message)
-    delivery = _deliver(_sd(sandbox, user_manager), ops.check_name(name), msg, None)
+    delivery = _deliver(locate(ops.check_name(name), sandbox, user_manager, doing="broadcast to"), name, msg, None)
     if delivery.not_saved:
         raise ClusterctlError(delivery.summary(name), "free space where the runtime directory lives (df -h /run), "
                               "then broadcast again")
@@ -61,7 +65,7 @@ def broadcast(name: str, message: str, sandbox: str | None, user_manager: bool) 
 def send(name: str, instance: str, message: str, sandbox: str | None, user_manager: bool) -> None:
     """Send a JSON object to worker INSTANCE of NAME only (its `worker.on_message` handlers; not saved)."""
     msg = _message(message)
-    delivery = _deliver(_sd(sandbox, user_manager), ops.check_name(name), msg, instance)
+    delivery = _deliver(locate(ops.check_name(name), sandbox, user_manager, doing="send to"), name, msg, instance)
     if delivery.missed:
         raise ClusterctlError(delivery.summary(name), f"check the instance with: clusterctl status {name}")
     click.echo(delivery.summary(name))

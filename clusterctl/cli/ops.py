@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import sys
 import time
@@ -13,14 +15,14 @@ from typing import Any
 
 import click
 
+from clusterctl import config, converge, ops, registry
 from clusterctl import generate as gen
-from clusterctl import ops
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.cli.generate import plan_from_options, plan_options
+from clusterctl.cli.generate import plan_options, plans_from_options
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import is_under
+from clusterctl.plan import Plan, is_under, tmp_binds
 from clusterctl.systemd import Systemd
 
 
@@ -37,11 +39,18 @@ def _sd(sandbox: str | None, user_manager: bool) -> Systemd:
     return Systemd(sandbox=sandbox, user=user_manager)
 
 
+def names_here(name: str | None, command: str) -> list[str]:
+    """NAME, or with none given every app of the clusterctl.toml in this directory."""
+    if name:
+        return [ops.check_name(name)]
+    path = config.find()
+    if path is None:
+        raise ClusterctlError(f"{command} needs NAME (or a {config.FILE} here listing the apps)",
+                              f"e.g. clusterctl {command} hello")
+    return config.app_names(path)
+
+
 # --- up / down ---------------------------------------------------------------------------------------
-
-def _systemd_is_pid1() -> bool:
-    return os.path.isdir("/run/systemd/system")
-
 
 def _check_host_port(port: int, sandbox: str) -> None:
     """Fail before anything starts if the host port a sandboxed cluster is forwarded to is taken
@@ -60,70 +69,142 @@ def _check_host_port(port: int, sandbox: str) -> None:
 @cli.command()
 @plan_options
 @click.option("--sandbox/--no-sandbox", "use_sandbox", default=None,
-              help="Run in a clusterctl sandbox (default: only when systemd is not PID 1 here).")
+              help="Run in a clusterctl sandbox (default: where it ran before, else only when systemd is not PID 1).")
 @click.option("--sandbox-name", metavar="S", help="Sandbox name (default: the cluster name).")
-@click.option("--host-port", type=int, metavar="PORT", help="Host loopback port for a sandboxed cluster (default: same).")
+@click.option("--host-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Host loopback port for a sandboxed cluster (default: same).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), metavar="DIR",
               help="Where to write the units (default: ~/.local/state/clusterctl/units/NAME).")
-def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None, output: Path | None,
+@click.option("--force", is_flag=True, help="Apply a change that needs the socket restarted (listen address, layout).")
+def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None, output: Path | None, force: bool,
        **options: Any) -> None:
     """Generate, install and start a cluster, wait for every worker READY, print the URL and status.
 
+    Without --app, every app of the clusterctl.toml in this directory. Run again with other options, it
+    shows the difference and applies it: a worker count by scaling, a code or option change by a rolling
+    reload; a listen address change restarts the socket, so it asks for --force.
+
     Where systemd is not PID 1 (containers, CI) the cluster runs in a clusterctl sandbox, a real systemd
-    in isolated namespaces, and its port is forwarded to the host's loopback.
+    in isolated namespaces, and its port is forwarded to the host's loopback. Later commands find the
+    cluster by NAME alone.
     """
-    plan = plan_from_options(options)
-    sandboxed = use_sandbox if use_sandbox is not None else not _systemd_is_pid1()
-    name = sandbox_name or plan.name
+    plans = plans_from_options(options)
+    if len(plans) > 1 and (output is not None or host_port is not None or sandbox_name):
+        raise ClusterctlError(f"--output, --host-port and --sandbox-name are for one app, and {len(plans)} were named",
+                              "pick one app with --name")
+    for plan in plans:
+        _up_one(plan, use_sandbox, sandbox_name, host_port, output, force)
+
+
+def _up_one(plan: Plan, use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None,
+            output: Path | None, force: bool) -> None:
+    name = plan.name
+    record = registry.load(name)
+    was_sandboxed = record is not None and record.where == "sandbox"
+    sandboxed = use_sandbox if use_sandbox is not None else (was_sandboxed if record else not registry.host_has_systemd())
+    if not sandboxed and not registry.host_has_systemd():
+        raise ClusterctlError("--no-sandbox: systemd is not running as PID 1 on this host, so there is nothing to run "
+                              "the cluster in; nothing was written", "leave --no-sandbox out: up then boots a sandbox")
+    box = sandbox_name or (record.sandbox if record and was_sandboxed else None) or name
+    sd = Systemd(sandbox=box if sandboxed else None)
+    running = not sandboxed or sb.is_running(box)
+    ports = [(host_port or int(a.port or 0), int(a.port or 0)) for a in plan.listen if a.kind == "tcp"]
     if sandboxed:
-        for address in plan.listen:
-            if address.kind == "tcp":
-                _check_host_port(host_port or int(address.port or 0), name)
-    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
-    out = output if output is not None else state / "clusterctl/units" / plan.name
+        for hp, _ in ports:
+            _check_host_port(hp, box)
+        if running and not sd.path(plan.working_dir).is_dir():
+            raise ClusterctlError(f"sandbox {box} was booted without {plan.working_dir}, so its workers cannot see it",
+                                  f"take it down first (clusterctl down {name}), then run up again")
+    change = converge.compare(sd, plan, gen.render(plan)) if running else None
+    if change is not None:
+        converge.refuse_unless_forced(plan, change, force)
+    out = output if output is not None else registry.units_dir(name)
     result = gen.write(plan, out, force=True)
     click.echo(f"{out}: {'written' if result.changed else 'up to date'} ({plan.workers} workers, {plan.balance} socket)")
-    if sandboxed:
-        if sb.is_running(name):
-            click.echo(f"sandbox {name}: already running, reusing it")
-        else:
-            # The app's directory as it is on the host (read-only), and each --rw-path writable, as on a host.
-            binds = [] if is_under(plan.working_dir, plan.rw_paths) else [(plan.working_dir, plan.working_dir, True)]
-            seconds = sb.up(name, binds + [(p, p, False) for p in plan.rw_paths])
-            click.echo(f"sandbox {name}: real systemd booted in {seconds:.2f}s (pid {sb.pid(name)})")
-    sd = Systemd(sandbox=name if sandboxed else None)
-    ops.install(sd, out, enable=True, start=False, progress=lambda m: None)
-    ops.start_cluster(sd, plan.name, progress=click.echo)
+    booted = bool(record and record.booted_sandbox and record.sandbox == box)
+    if sandboxed and not running:
+        # The app's directory and a /tmp python as they are on the host (read-only), each --rw-path writable.
+        needed = [*([] if is_under(plan.working_dir, plan.rw_paths) else [plan.working_dir]),
+                  *tmp_binds([plan.python, os.path.realpath(plan.python)])]
+        seconds = sb.up(box, [(p, p, True) for p in dict.fromkeys(needed)] + [(p, p, False) for p in plan.rw_paths])
+        booted = True
+        click.echo(f"sandbox {box}: real systemd booted in {seconds:.2f}s (pid {sb.pid(box)})")
+    registry.save(registry.Record(name, registry.where_of(sd), sd.sandbox, str(out.resolve()), plan.config,
+                                  tuple(hp for hp, _ in ports) if sandboxed else (), booted))
+    if change is None:
+        ops.install(sd, out, enable=True, start=False, progress=lambda m: None)
+        try:
+            ops.start_cluster(sd, name, progress=click.echo)
+        except ClusterctlError as e:
+            with contextlib.suppress(ClusterctlError):  # nothing left crash-looping; the journal stays for `logs`
+                ops.stop_cluster(sd, name, progress=lambda m: None)
+            raise ClusterctlError(f"{e.message}\n{name}: its workers are stopped",
+                                  f"see why with `clusterctl logs {name} -n 50`, fix it and run up again, or remove "
+                                  f"everything with `clusterctl down {name}`") from e
+    elif change.nothing:
+        ops.install(sd, out, enable=True, progress=lambda m: None)
+        ops.start_cluster(sd, name, progress=lambda m: None)
+        click.echo(f"{name}: up to date ({plan.workers} workers)")
+    else:
+        for line in change.summary(plan):
+            click.echo(f"{name}: {line}")
+        if change.diff:
+            click.echo(change.diff)
+        converge.apply(sd, plan, out, change, progress=click.echo)
     urls = []
     for address in plan.listen:
         if sandboxed and address.kind == "tcp":
             port = host_port or int(address.port or 0)
-            sb.unforward(name, port)
-            sb.forward(name, port, int(address.port or 0))
-            urls.append(f"http://127.0.0.1:{port}/ (forwarded into sandbox {name})")
+            sb.unforward(box, port)
+            sb.forward(box, port, int(address.port or 0))
+            urls.append(f"http://127.0.0.1:{port}/ (forwarded into sandbox {box})")
         else:
             urls.append(address.url)
+    for old in set(record.forwards if record and record.sandbox == box else ()) - {hp for hp, _ in ports}:
+        sb.unforward(box, old)
     for url in urls:
         click.echo(f"serving {plan.app} on {url}")
-    _print_status(ops.status(sd, plan.name))
-    hint = f" --sandbox {name}" if sandboxed else ""
-    click.echo(f"next: clusterctl status {plan.name}{hint} | clusterctl reload {plan.name}{hint} | "
-               f"clusterctl logs {plan.name}{hint} | clusterctl down {plan.name}")
+    _print_status(ops.status(sd, name))
+    click.echo(f"next: clusterctl status {name} | clusterctl reload {name} | clusterctl logs {name} | "
+               f"clusterctl down {name}")
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @target_options
-def down(name: str, sandbox: str | None, user_manager: bool) -> None:
-    """Stop and uninstall cluster NAME; if `up` put it in sandbox NAME, stop that sandbox too."""
-    ops.check_name(name)
-    if not sandbox and not user_manager and not _systemd_is_pid1() and sb.is_running(name):
-        sandbox = name
-    sd = _sd(sandbox, user_manager)
-    ops.uninstall(sd, name, progress=click.echo)
-    if sandbox == name:
-        sb.down(name, missing_ok=True)
-        click.echo(f"sandbox {name}: down")
+def down(name: str | None, sandbox: str | None, user_manager: bool) -> None:
+    """Stop and uninstall cluster NAME and remove what `up` made for it (its units, its sandbox).
+
+    Without NAME, every app of the clusterctl.toml in this directory."""
+    for n in names_here(name, "down"):
+        _down_one(n, sandbox, user_manager)
+
+
+def _down_one(name: str, sandbox: str | None, user_manager: bool) -> None:
+    record = registry.load(name)
+    try:
+        sd: Systemd | None = registry.locate(name, sandbox, user_manager, doing="take down")
+    except ClusterctlError:
+        if record is None:
+            raise
+        sd = None  # its sandbox is gone: only what is left on this side to remove
+        click.echo(f"{name}: {record.describe} is not running; removing what is left here")
+    if sd is not None and (record is None or (sd.path(sd.state_dir) / f"{name}.json").is_file()):
+        ops.uninstall(sd, name, progress=click.echo)
+    box = sd.sandbox if sd is not None else (record.sandbox if record else None)
+    if box and record is not None:
+        for port in record.forwards:
+            with contextlib.suppress(ClusterctlError):
+                sb.unforward(box, port)
+    others = [r for r in registry.records() if r.name != name and r.where == "sandbox" and r.sandbox == box]
+    if box and not others and ((record is not None and record.booted_sandbox) or (record is None and box == name)):
+        sb.down(box, missing_ok=True)
+        click.echo(f"sandbox {box}: down")
+    units = registry.units_dir(name)
+    if units.is_dir():
+        shutil.rmtree(units)
+        click.echo(f"removed {units}")
+    registry.forget(name)
 
 
 # --- install ------------------------------------------------------------------------------------------
@@ -140,7 +221,15 @@ def install(directory: Path | None, name: str | None, enable: bool, start: bool,
     if directory is None and name is None:
         raise ClusterctlError("install needs a directory of units or --name", "e.g. clusterctl install units/hello")
     source = directory if directory is not None else Path("units") / ops.check_name(name or "")
-    ops.install(_sd(sandbox, user_manager), source, enable=enable, start=start, progress=click.echo)
+    sd = _sd(sandbox, user_manager)
+    ops.install(sd, source, enable=enable, start=False, progress=click.echo)
+    installed = ops.source_name(source)
+    record = registry.load(installed)
+    registry.save(registry.Record(installed, registry.where_of(sd), sd.sandbox, str(source.resolve()),
+                                  record.config if record else None, record.forwards if record else (),
+                                  bool(record and record.booted_sandbox)))
+    if start:
+        ops.start_cluster(sd, installed, progress=click.echo)
 
 
 @cli.command()
@@ -148,7 +237,8 @@ def install(directory: Path | None, name: str | None, enable: bool, start: bool,
 @target_options
 def uninstall(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Stop cluster NAME and remove exactly the files install wrote."""
-    ops.uninstall(_sd(sandbox, user_manager), name, progress=click.echo)
+    ops.uninstall(registry.locate(name, sandbox, user_manager, doing="uninstall"), name, progress=click.echo)
+    registry.forget(name)
 
 
 @cli.command()
@@ -156,7 +246,7 @@ def uninstall(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def start(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Start cluster NAME and wait until every worker is READY."""
-    sd = _sd(sandbox, user_manager)
+    sd = registry.locate(name, sandbox, user_manager, doing="start")
     sd.check()
     ops.start_cluster(sd, name, progress=click.echo)
 
@@ -166,7 +256,7 @@ def start(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def stop(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Stop cluster NAME: workers drain in-flight requests, then the socket closes."""
-    sd = _sd(sandbox, user_manager)
+    sd = registry.locate(name, sandbox, user_manager, doing="stop")
     sd.check()
     ops.stop_cluster(sd, name, progress=click.echo)
 
@@ -176,7 +266,7 @@ def stop(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def restart(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Restart every worker at once (lossless: the socket stays open). Prefer `reload` for deploys."""
-    sd = _sd(sandbox, user_manager)
+    sd = registry.locate(name, sandbox, user_manager, doing="restart")
     sd.check()
     inst = ops.installed(sd, name)
     t0 = time.monotonic()
@@ -224,19 +314,19 @@ def status(name: str | None, as_json: bool, prometheus: bool, watch: bool, inven
 
         print_fleet_status(inventory, name, as_json)
         return
-    if name is None:
-        raise ClusterctlError("status needs NAME (or --inventory INV)", "e.g. clusterctl status hello")
-    sd = _sd(sandbox, user_manager)
+    names = names_here(name, "status")
+    where = {n: registry.locate(n, sandbox, user_manager, doing="show the status of") for n in names}
     while True:
-        st = ops.status(sd, name)
-        if prometheus:
-            click.echo(st.to_prometheus(), nl=False)
-        elif as_json:
-            click.echo(st.to_json())
-        else:
-            if watch:
-                click.clear()
-            _print_status(st)
+        states = [ops.status(sd, n) for n, sd in where.items()]
+        if watch and not (prometheus or as_json):
+            click.clear()
+        for st in states:
+            if prometheus:
+                click.echo(st.to_prometheus(), nl=False)
+            elif as_json:
+                click.echo(st.to_json())
+            else:
+                _print_status(st)
         if not watch:
             return
         time.sleep(2)
@@ -245,18 +335,24 @@ def status(name: str | None, as_json: bool, prometheus: bool, watch: bool, inven
 # --- reload / scale -----------------------------------------------------------------------------------
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--batch", default="1", show_default=True, metavar="N|P%", help="Instances restarted at a time.")
-@click.option("--pause", default=0.0, show_default=True, metavar="S", help="Seconds to wait between batches.")
+@click.option("--pause", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="S",
+              help="Seconds to wait between batches.")
 @click.option("--health-url", metavar="PATH", help="Also wait for GET PATH to answer 2xx through the socket.")
-@click.option("--timeout", default=60.0, show_default=True, metavar="S", help="Seconds a batch may take to be READY.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="S",
+              help="Seconds a batch may take to be READY.")
 @click.option("--no-surge", is_flag=True, help="Do not start a spare instance on the new code first.")
 @target_options
-def reload(name: str, batch: str, pause: float, health_url: str | None, timeout: float, no_surge: bool,
+def reload(name: str | None, batch: str, pause: float, health_url: str | None, timeout: float, no_surge: bool,
            sandbox: str | None, user_manager: bool) -> None:
-    """Rolling deploy: restart workers batch by batch, each READY before the next; stop on the first failure."""
-    ops.reload(_sd(sandbox, user_manager), name, batch=batch, pause=pause, health_url=health_url,
-               timeout=timeout, surge=not no_surge, progress=click.echo)
+    """Rolling deploy: restart workers batch by batch, each READY before the next; stop on the first failure.
+
+    Without NAME, every app of the clusterctl.toml in this directory, one after the other."""
+    where = {n: registry.locate(n, sandbox, user_manager, doing="reload") for n in names_here(name, "reload")}
+    for n, sd in where.items():
+        ops.reload(sd, n, batch=batch, pause=pause, health_url=health_url, timeout=timeout, surge=not no_surge,
+                   progress=click.echo)
 
 
 @cli.command()
@@ -265,13 +361,13 @@ def reload(name: str, batch: str, pause: float, health_url: str | None, timeout:
 @target_options
 def scale(name: str, count: str, sandbox: str | None, user_manager: bool) -> None:
     """Set the worker count now and for the next boot; scaling down drains before stopping."""
-    ops.scale(_sd(sandbox, user_manager), name, count, progress=click.echo)
+    ops.scale(registry.locate(name, sandbox, user_manager, doing="scale"), name, count, progress=click.echo)
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("name")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
-@click.option("--lines", "-n", default=50, show_default=True, help="Lines of history.")
+@click.option("--lines", "-n", type=click.IntRange(min=0), default=50, show_default=True, help="Lines of history.")
 @click.option("--instance", "-i", metavar="I", help="Only this instance.")
 @click.option("--since", metavar="TIME", help="journalctl --since (e.g. '10 min ago').")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, with the structured fields.")
@@ -279,8 +375,9 @@ def scale(name: str, count: str, sandbox: str | None, user_manager: bool) -> Non
 def logs(name: str, follow: bool, lines: int, instance: str | None, since: str | None, as_json: bool,
          sandbox: str | None, user_manager: bool) -> None:
     """Every worker's journal, merged in time order and prefixed with its instance, like `pm2 logs`."""
+    sd = registry.locate(name, sandbox, user_manager, doing="show the logs of")
     try:
-        for line in ops.logs(_sd(sandbox, user_manager), name, follow=follow, lines=lines, instance=instance,
+        for line in ops.logs(sd, name, follow=follow, lines=lines, instance=instance,
                              since=since, as_json=as_json):
             click.echo(line)
     except KeyboardInterrupt:

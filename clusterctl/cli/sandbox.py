@@ -9,6 +9,7 @@ import click
 
 from clusterctl import sandbox
 from clusterctl.cli import cli
+from clusterctl.errors import ClusterctlError
 
 _PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
@@ -31,7 +32,8 @@ def sandbox_group() -> None:
 @sandbox_group.command("up")
 @click.option("--name", "-n", default="default", show_default=True, help="Sandbox name.")
 @click.option("--bind", "binds", multiple=True, metavar="SRC[:DST][:ro]", help="Bind a host path inside.")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the boot.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds to wait for the boot.")
 @click.option("--net", type=click.Choice(["private", "host"]), default="private", show_default=True,
               help="private: own loopback-only network; host: share the host's network.")
 @click.option("--cgroup", type=click.Choice(["hybrid", "unified"]), default="hybrid", show_default=True,
@@ -118,4 +120,9 @@ def unforward_cmd(name: str, host_port: int) -> None:
 def log_cmd(name: str) -> None:
     """Print sandbox NAME's console log (systemd's boot messages)."""
     path = sandbox.state_dir(name) / "console.log"
-    click.echo(path.read_text(errors="replace") if path.exists() else "", nl=False)
+    if not path.parent.is_dir():
+        raise ClusterctlError(f"sandbox {name!r} does not exist", "see the existing ones: clusterctl sandbox ls")
+    if not path.exists():
+        raise ClusterctlError(f"sandbox {name!r} has no console log ({path} missing)",
+                              f"boot it first: clusterctl sandbox up --name {name}")
+    click.echo(path.read_text(errors="replace"), nl=False)
