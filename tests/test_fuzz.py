@@ -30,6 +30,7 @@ VALID = [
     b"GET / HTTP/1.0\r\n\r\n",
     b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Check: 1\r\n\r\n",
 ]
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -37,8 +38,10 @@ SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
     body = environ["wsgi.input"].read()
+    # What only a trailer could have set: the trailer test below asserts the app never sees it.
+    leaked = [k for k in environ if k.startswith("HTTP_TRAILER_") or environ.get(k) == "smuggled"]
     start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok " + str(len(body)).encode()]
+    return [b"ok " + str(len(body)).encode() + (b" LEAKED " + repr(leaked).encode() if leaked else b"")]
 
 
 class Engine(EngineThread):
@@ -132,3 +135,29 @@ def test_valid_corpus_is_answered(engine: Engine) -> None:
     for data in VALID:
         got = engine.send(data)
         assert got.startswith(b"HTTP/1.") and b" 200 " in got.split(b"\r\n", 1)[0], (data, got[:200])
+
+
+TRAILER_NAMES = [b"Host", b"Authorization", b"Content-Length", b"Transfer-Encoding", b"Cookie", b"Trailer-X",
+                 b"X-Forwarded-For", b"Trailer_Y", b"trailer-z"]
+
+
+@st.composite
+def chunked_with_trailers(draw: st.DrawFn) -> bytes:
+    """A chunked request whose trailer section has random fields (framing and authority names included)."""
+    chunks = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=4))
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n"
+    fields = draw(st.lists(st.tuples(st.sampled_from(TRAILER_NAMES), st.sampled_from([b"smuggled", b"1", b"a, b", b""])),
+                           max_size=40))
+    trailers = b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+    return (b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + body + trailers + b"\r\n")
+
+
+@SETTINGS
+@given(data=chunked_with_trailers())
+def test_trailers_are_bounded_and_never_reach_the_app(engine: Engine, data: bytes) -> None:
+    got = engine.send(data)
+    status = got.split(b"\r\n", 1)[0]
+    assert status.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), got[:200]
+    assert b"LEAKED" not in got, got[-300:]
+    engine.check_still_serves()
