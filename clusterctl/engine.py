@@ -85,6 +85,13 @@ class Limits:
     max_headers: int = 100
     max_body_size: int = 16 * 1024 * 1024
     max_connections: int = 2048
+    # A body may take body_timeout plus 1 s per min_body_rate bytes received (Apache mod_reqtimeout's MinRate):
+    # a client trickling a byte every few seconds no longer keeps its slot forever.
+    min_body_rate: int = 500
+    # Request body bytes buffered across all connections of the worker (WSGI bodies are read whole before the
+    # app runs): a body that would take the worker past it is answered 503, so 50 stalled uploads cannot hold
+    # 50 x --max-body-size of memory.
+    max_buffered: int = 128 * 1024 * 1024
 
 
 # Connection phases, for timeouts (what we are waiting for from the client when not busy).
@@ -140,6 +147,8 @@ class Server:
         self.errors = 0
         self.in_flight = 0
         self.rejected = 0
+        self.evicted = 0  # slow clients closed to make room at --max-connections
+        self.buffered = 0  # request body bytes held by connections still receiving them (Limits.max_buffered)
         self.draining = False
         self.clock = loop.time()
         self._second = -1
@@ -197,6 +206,40 @@ class Server:
         for conn in list(self.connections):
             conn.check_timeout(now, lim)
         self._ticker = self.loop.call_later(self.tick_interval, self._tick)
+
+    def make_room(self, newcomer: HttpProtocol) -> bool:
+        """At the connection cap, free a slot for a new client instead of refusing it: first the longest idle
+        keep-alive connection, else the connection that has waited longest on its own client (a silent one, a
+        slow head, a trickled body). Connections whose request the app is handling are never taken."""
+        idle: HttpProtocol | None = None
+        slow: HttpProtocol | None = None
+        for conn in self.connections:
+            if conn is newcomer or conn.closed:
+                continue
+            if conn.lingering:  # an error answer being flushed: the cheapest to let go
+                conn.close()
+                return True
+            if conn.busy:
+                if conn.streaming and not conn.body_held and (slow is None or conn.since < slow.since):
+                    slow = conn
+            elif conn.phase == IDLE:
+                if not conn.queue and (idle is None or conn.since < idle.since):
+                    idle = conn
+            elif slow is None or conn.since < slow.since:
+                slow = conn
+        if idle is not None:
+            idle.close()
+            return True
+        if slow is None:
+            return False
+        self.evicted += 1
+        if slow.got_bytes:
+            slow._fail(_Reject(503, "connections ran short: the slowest client makes room"))
+            if not slow.closed:
+                slow.close()
+        else:
+            slow.close()
+        return True
 
     def run_waiting(self) -> None:
         """Requests that waited while a streamed response held the app slot, in arrival order."""
@@ -305,7 +348,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport
         server = self.server
         server.connections.add(self)
-        if len(server.connections) > self.limits.max_connections:
+        if len(server.connections) > self.limits.max_connections and not server.make_room(self):
             server.rejected += 1
             self.stop_parsing = True
             transport.write(_canned(503, extra="retry-after: 1\r\n"))
@@ -316,7 +359,14 @@ class HttpProtocol(asyncio.Protocol):
     def setup(self, transport: Any) -> None:
         """Hook for adapters: per-connection state derived from the socket."""
 
+    def _unbuffer(self) -> None:
+        """A body that will never complete stops counting against --max-buffered."""
+        if self.body is not None:
+            self.server.buffered -= self.body_len
+            self.body = None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._unbuffer()
         self.closed = True
         self.stop_parsing = True
         self.server.connections.discard(self)
@@ -551,15 +601,21 @@ class HttpProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body_len += len(body)  # reset per message in on_url
         self.head_carry = 0  # body bytes, not trailers (counted in data_received only while trailing)
-        if self.body_len > self.limits.max_body_size:
-            raise _Reject(413, "body larger than --max-body-size")
-        self.since = self.server.clock
         if self.streaming:
+            if self.body_len > self.limits.max_body_size:
+                raise _Reject(413, "body larger than --max-body-size")
             self.stream_chunk(body)
-        elif self.body is None:
+            return
+        if self.body is None:
             self.body = [body]
         else:
             self.body.append(body)
+        server = self.server
+        server.buffered += len(body)  # body_len of them is counted back by on_message_complete or _unbuffer
+        if self.body_len > self.limits.max_body_size:
+            raise _Reject(413, "body larger than --max-body-size")
+        if server.buffered > self.limits.max_buffered:
+            raise _Reject(503, "the worker's buffered request bodies are over --max-buffered")
 
     def on_message_complete(self) -> None:
         # No clock update here: a queued request is never timed out, and finish() restarts the idle clock.
@@ -577,6 +633,9 @@ class HttpProtocol(asyncio.Protocol):
             self.stream_end()
             return
         body = self.body
+        if body is not None:
+            self.server.buffered -= self.body_len  # handed over: the request owns it now
+            self.body = None
         parser = self.parser
         self.queue.append((
             parser.get_method(), self.url, headers,
@@ -671,6 +730,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- errors, timeouts, drain ------------------------------------------------------------------------------
     def _fail(self, err: _Reject) -> None:
+        self._unbuffer()
         self.stop_parsing = True
         self.error = err
         if self.streaming:
@@ -719,7 +779,8 @@ class HttpProtocol(asyncio.Protocol):
             if now - self.since > lim.body_timeout:
                 self.abort()
             return
-        if self.streaming and not self.body_held and now - self.since > lim.body_timeout:
+        if (self.streaming and not self.body_held
+                and now - self.since > lim.body_timeout + self.body_len / lim.min_body_rate):
             self._fail(_Reject(408, "request body not received in time"))
             return
         if self.busy or self.closed:
@@ -739,7 +800,7 @@ class HttpProtocol(asyncio.Protocol):
                     self._fail(_Reject(408, "request head not received in time"))
                 else:
                     self.close()
-        elif now - self.since > lim.body_timeout:
+        elif now - self.since > lim.body_timeout + self.body_len / lim.min_body_rate:
             self._fail(_Reject(408, "request body not received in time"))
 
     def drain(self) -> None:
@@ -1221,7 +1282,11 @@ class WsgiProtocol(HttpProtocol):
                         full = h.full_head(server.date_line, key)
                     if full is not None:
                         if not self.closed:
-                            self.transport.write(full + body)
+                            if n < 65536:
+                                self.transport.write(full + body)
+                            else:  # no copy of a big body: the transport keeps a reference until it is sent
+                                self.transport.write(full)
+                                self.transport.write(body)
                         self.code = h.code
                         self.resp_bytes = n
                         if server.access_log is not None:
@@ -1303,7 +1368,14 @@ class WsgiProtocol(HttpProtocol):
                 body = result[0] if len(result) == 1 else b"".join(result)
                 if type(body) is not bytes:
                     raise TypeError(f"response body must be bytes, not {type(body).__name__}")
-                self.send(self._head(len(body)) + (b"" if self.framing == _F_NONE else self._frame(body)))
+                head = self._head(len(body))
+                if self.framing == _F_NONE:
+                    self.send(head)
+                elif len(body) < 65536:
+                    self.send(head + self._frame(body))
+                else:  # no copy of a big body
+                    self.send(head)
+                    self.send(self._frame(body))
                 self._done()
                 return
             if rtype is FileWrapper and not self.threaded and self._try_sendfile(result):

@@ -126,7 +126,8 @@ class Runtime:
             keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
             body_timeout=cfg.body_timeout, max_request_line=cfg.max_request_line, max_header_field=cfg.max_header_field,
             max_header_size=cfg.max_header_size, max_headers=cfg.max_headers,
-            max_body_size=cfg.max_body_size, max_connections=cfg.max_connections)
+            max_body_size=cfg.max_body_size, max_connections=cfg.max_connections,
+            min_body_rate=max(1, cfg.min_body_rate), max_buffered=cfg.max_buffered)
         self.access = (AccessLog(self.loop, cfg, journal=cfg.journal and notify.under_systemd())
                        if cfg.access_log else None)
         self.lifespan: asgi.Lifespan | None = None

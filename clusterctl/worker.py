@@ -104,6 +104,8 @@ class WorkerConfig:
     max_headers: int = 100
     max_body_size: int = 16 * 1024 * 1024
     max_connections: int = 2048
+    min_body_rate: int = 500
+    max_buffered: int = 128 * 1024 * 1024
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_memory_restart: int = 0
@@ -146,14 +148,20 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--journal", "journal", bool, "under systemd, send access logs as structured journal entries"),
     ("--keepalive-timeout", "keepalive_timeout", float, "close idle keep-alive connections after S seconds"),
     ("--header-timeout", "header_timeout", float, "seconds allowed to receive a request head (slowloris)"),
-    ("--body-timeout", "body_timeout", float, "seconds allowed between body reads / stalled writes"),
+    ("--body-timeout", "body_timeout", float, "seconds allowed for a request body (plus 1 s per --min-body-rate "
+                                              "bytes received) and for a stalled write"),
     ("--max-request-line", "max_request_line", int, "longest request target in bytes (414 above)"),
     ("--max-header-field", "max_header_field", int, "largest single header field (name and value) in bytes "
                                                     "(431 above)"),
     ("--max-header-size", "max_header_size", int, "largest total header size in bytes (431 above)"),
     ("--max-headers", "max_headers", int, "most request headers (431 above)"),
     ("--max-body-size", "max_body_size", int, "largest request body in bytes (413 above)"),
-    ("--max-connections", "max_connections", int, "open connections per worker (503 above)"),
+    ("--max-connections", "max_connections", int, "open connections per worker; above it the longest idle or "
+                                                   "slowest client is closed to make room (503 when none can be)"),
+    ("--max-buffered", "max_buffered", size_bytes, "request body bytes the worker buffers across all connections "
+                                                   "(K, M, G allowed); a body that would pass it is answered 503"),
+    ("--min-body-rate", "min_body_rate", int, "a request body may take --body-timeout plus 1 s per N bytes "
+                                              "received (408 after)"),
     ("--max-requests", "max_requests", int, "drain and exit 0 after N requests (systemd restarts it; 0: never)"),
     ("--max-requests-jitter", "max_requests_jitter", int, "add 0..N to --max-requests so workers differ"),
     ("--max-memory-restart", "max_memory_restart", size_bytes, "drain and exit 0 (systemd restarts "

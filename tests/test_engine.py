@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -309,19 +310,82 @@ def test_silent_connection_is_closed(engine: Callable[..., Engine]) -> None:
         assert s.recv(100) == b""
 
 
-def test_connection_limit_503(engine: Callable[..., Engine]) -> None:
-    e = engine(limits=Limits(max_connections=2))
+def test_connection_cap_makes_room_for_a_new_client(engine: Callable[..., Engine]) -> None:
+    """At --max-connections the longest idle keep-alive connection goes first, then the client that has waited
+    longest on itself (silent, slow head, trickled body): a new client is served, not refused."""
+    e = engine(limits=Limits(max_connections=2, header_timeout=30, body_timeout=30, keepalive_timeout=30))
+    silent = e.connect()
+    idle = e.connect()
+    idle.sendall(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert Reader(idle).response()[0] == 200
+    try:
+        with e.connect() as c:  # the idle keep-alive connection makes room first, though the silent one is older
+            c.sendall(b"GET /new HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert Reader(c).response()[0] == 200
+        idle.settimeout(2)
+        assert idle.recv(100) == b""
+        time.sleep(1.1)  # the engine's clock ticks once a second here: `newer` is then younger
+        newer = e.connect()
+        time.sleep(0.05)
+        with e.connect() as c, newer:  # then the client that has waited longest on itself: the older silent one
+            c.sendall(b"GET /new HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert Reader(c).response()[0] == 200
+            silent.settimeout(2)
+            assert silent.recv(100) == b""
+    finally:
+        idle.close()
+        silent.close()
+    time.sleep(0.1)
+    trickler = e.connect()
+    trickler.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx")
+    time.sleep(1.1)
+    other = e.connect()
+    time.sleep(0.05)
+    with e.connect() as c, trickler, other:
+        c.sendall(b"GET /new HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert Reader(c).response()[0] == 200
+        st, _, _ = Reader(trickler).response()
+        assert st == 503  # a partial request hears why
+
+
+def test_connection_cap_503_when_every_slot_is_in_the_app(engine: Callable[..., Engine]) -> None:
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        time.sleep(0.5)
+        start_response("200 OK", [])
+        return [b"slow"]
+
+    e = engine(slow, limits=Limits(max_connections=2), threads=2, validate=False)
     a, b = e.connect(), e.connect()
     try:
+        for s in (a, b):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         time.sleep(0.1)
         with e.connect() as c:
             st, _, _ = Reader(c).response()
             assert st == 503
+        assert Reader(a).response()[0] == 200
     finally:
         a.close()
         b.close()
-    time.sleep(0.1)
-    still_serves(e)
+
+
+def test_a_trickled_body_gets_a_total_deadline(engine: Callable[..., Engine]) -> None:
+    """--body-timeout plus 1 s per --min-body-rate bytes, not a clock that restarts on every byte."""
+    e = engine(limits=Limits(body_timeout=0.4, min_body_rate=100, max_body_size=10_000))
+    with e.connect() as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+        t0 = time.monotonic()
+        got = b""
+        while time.monotonic() - t0 < 5 and b"\r\n" not in got:
+            try:
+                s.sendall(b"x")  # 10 bytes/s: each byte well within the old per-byte timeout
+            except OSError:
+                break
+            if select.select([s], [], [], 0.1)[0]:
+                got += s.recv(4096)
+        status = int(got.split(b" ")[1]) if got.startswith(b"HTTP/1.1 ") else None
+        assert status == 408
+        assert time.monotonic() - t0 < 1.5  # 0.4 s + ~5 bytes / 100 B/s, plus the sweep's period
 
 
 # -- WSGI semantics ---------------------------------------------------------------------------------------
@@ -735,3 +799,37 @@ def test_a_header_field_over_its_own_limit_is_431(engine: Callable[..., Engine])
     assert st == [431] and closed
     st, _, _ = exchange(e, b"GET / HTTP/1.1\r\nHost: a\r\nX-Ok: " + b"b" * 80 + b"\r\n\r\n", n=1)
     assert st == [200]
+
+
+def test_buffered_bodies_are_bounded_per_worker(engine: Callable[..., Engine]) -> None:
+    """Stalled uploads hold at most --max-buffered together: the one that would pass it gets 503, and what a
+    closed or completed upload held is counted back."""
+    e = engine(limits=Limits(max_buffered=5000, max_body_size=10_000, body_timeout=30))
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4000\r\n\r\n"
+    first = e.connect()
+    first.sendall(head + b"x" * 3000)  # stalls with 3000 bytes buffered
+    time.sleep(0.1)
+    with e.connect() as second:
+        second.sendall(head + b"y" * 3000)  # 6000 > 5000
+        assert Reader(second).response()[0] == 503
+    first.close()  # its 3000 bytes are let go
+    time.sleep(0.1)
+    for _ in range(3):  # completed uploads are counted back too
+        st, bodies, _ = exchange(e, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + b"z" * 4000, n=1)
+        assert st == [200] and bodies[0].endswith(b"z" * 4000)
+    assert e.server.buffered == 0
+
+
+def test_buffered_count_survives_every_way_a_body_ends(engine: Callable[..., Engine]) -> None:
+    e = engine(limits=Limits(max_buffered=50_000, max_body_size=10_000, body_timeout=0.3))
+    cases = [b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 20000\r\n\r\n" + b"x" * 5000,  # 413 up front
+             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1000\r\n" + b"x" * 4096 * 3,
+             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 900\r\n\r\n" + b"x" * 100,  # 408 after a stall
+             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab\x00"]  # client leaves mid-body
+    for raw in cases:
+        with e.connect() as s:
+            s.sendall(raw)
+            time.sleep(0.05)
+    time.sleep(1.0)
+    assert e.server.buffered == 0
+    still_serves(e)
