@@ -130,8 +130,7 @@ class AsgiServer(Server):
         self.http_tick = self.tick_interval  # the sweep interval the HTTP timeouts need
         self.ws_keepalive(WS_PING, WS_PING)
 
-    def protocol(self) -> HttpProtocol:
-        return AsgiProtocol(self)
+    protocol_class: type[HttpProtocol]  # AsgiProtocol, set below it
 
     def ws_keepalive(self, interval: float, timeout: float) -> None:
         """--ws-ping-interval/--ws-ping-timeout (0: no pings). The engine's sweep sends the pings and closes the
@@ -280,6 +279,23 @@ class AsgiProtocol(HttpProtocol):
         self.base_scope = {"type": "http", "asgi": ASGI_VERSION, "scheme": "http", "root_path": "",
                            "server": server, "client": client}
         self.base_env = {"REMOTE_ADDR": client[0] if client else ""}
+
+    def saved_view(self) -> Any:
+        return self.base_scope, self.base_env
+
+    def use_view(self, view: Any, client: str | None, scheme: str | None) -> None:
+        """This request's client and scheme as a trusted proxy tells them (proxy.py); else the connection's."""
+        scope, env = view
+        if client is None and scheme is None:
+            self.base_scope, self.base_env = scope, env
+            return
+        scope = scope.copy()
+        if client is not None:
+            scope["client"] = (client, 0)
+            env = {"REMOTE_ADDR": client}
+        if scheme is not None:
+            scope["scheme"] = scheme
+        self.base_scope, self.base_env = scope, env
 
     # -- websocket upgrade (clusterctl/websocket.py) ---------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -593,6 +609,9 @@ class AsgiProtocol(HttpProtocol):
             self.inbox.wake()
         if self.ws is not None:
             self.ws.lost()
+
+
+AsgiServer.protocol_class = AsgiProtocol
 
 
 # -- lifespan -----------------------------------------------------------------------------------------------

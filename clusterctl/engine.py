@@ -147,6 +147,8 @@ class Server:
         self.errors = 0
         self.in_flight = 0
         self.rejected = 0
+        self.trusted: Any = None  # proxy.Trusted, from behind_proxy()
+        self.proxy_protocol = False
         self.evicted = 0  # slow clients closed to make room at --max-connections
         self.buffered = 0  # request body bytes held by connections still receiving them (Limits.max_buffered)
         self.draining = False
@@ -176,8 +178,21 @@ class Server:
                                            lim.body_timeout / 4))
         self._update_date()
 
+    protocol_class: type[HttpProtocol]  # set below the classes; behind_proxy() swaps in a proxied subclass
+
     def protocol(self) -> HttpProtocol:
-        return WsgiProtocol(self)
+        return self.protocol_class(self)
+
+    def behind_proxy(self, trusted: Any, proxy_protocol: bool) -> None:
+        """--forwarded-allow-ips (a proxy.Trusted) / --proxy-protocol. Connections get a subclass that reads the
+        PROXY header and the trusted forwarded headers; with neither set the plain class runs, at no cost (and
+        proxy.py is never imported)."""
+        self.trusted = trusted
+        self.proxy_protocol = proxy_protocol
+        if trusted is not None or proxy_protocol:
+            from clusterctl.proxy import proxied
+
+            self.protocol_class = proxied(type(self).protocol_class)
 
     async def serve(self, socks: list[Any], backlog: int = 4096) -> None:
         """Serve the given listening sockets (never re-bound; listen() only re-applies `backlog`)."""
@@ -1180,6 +1195,22 @@ class WsgiProtocol(HttpProtocol):
             if not self.write_paused:
                 self.writable.set()
 
+    def saved_view(self) -> Any:
+        return self.base_env
+
+    def use_view(self, view: Any, client: str | None, scheme: str | None) -> None:
+        """This request's client and scheme as a trusted proxy tells them (proxy.py); else the connection's."""
+        if client is None and scheme is None:
+            self.base_env = view
+            return
+        env = view.copy()
+        if client is not None:
+            env["REMOTE_ADDR"] = client
+            env["REMOTE_PORT"] = ""
+        if scheme is not None:
+            env["wsgi.url_scheme"] = scheme
+        self.base_env = env
+
     def _env_base(self, sockname: Any) -> dict[str, Any]:
         """The environ keys that are the same for every connection to one local address."""
         if isinstance(sockname, tuple):
@@ -1644,3 +1675,7 @@ class WsgiProtocol(HttpProtocol):
 
 
 _SENDFILE = object()
+
+
+Server.protocol_class = WsgiProtocol
+

@@ -141,6 +141,10 @@ class Runtime:
             self.lifespan = asgi.Lifespan(app, self.server.state, self.loop)  # type: ignore[arg-type]
         else:
             self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
+        if cfg.forwarded_allow_ips or cfg.proxy_protocol:
+            from clusterctl.proxy import parse_trusted
+
+            self.server.behind_proxy(parse_trusted(cfg.forwarded_allow_ips), cfg.proxy_protocol)
         if cfg.max_requests > 0:
             import random  # only with --max-requests: not resident in every worker
 
@@ -368,7 +372,8 @@ def run(cfg: WorkerConfig) -> int:
     worker_api.instance = cfg.instance
     worker_api.name = cfg.name
     bad = (worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
-           or worker_api.ready_path_problem(cfg.ready_path) or worker_api.timeout_problem(cfg.timeout))
+           or worker_api.ready_path_problem(cfg.ready_path) or worker_api.timeout_problem(cfg.timeout)
+           or worker_api.forwarded_problem(cfg.forwarded_allow_ips))
     if bad:
         raise ClusterctlError(*bad)
     socks = take_sockets(cfg)

@@ -106,6 +106,8 @@ class WorkerConfig:
     max_connections: int = 2048
     min_body_rate: int = 500
     max_buffered: int = 128 * 1024 * 1024
+    forwarded_allow_ips: str = ""
+    proxy_protocol: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_memory_restart: int = 0
@@ -160,6 +162,11 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
                                                    "slowest client is closed to make room (503 when none can be)"),
     ("--max-buffered", "max_buffered", size_bytes, "request body bytes the worker buffers across all connections "
                                                    "(K, M, G allowed); a body that would pass it is answered 503"),
+    ("--forwarded-allow-ips", "forwarded_allow_ips", str, "behind a proxy: peers (IPs, networks, * or unix, "
+                                                         "comma-separated) whose Forwarded / X-Forwarded-For / "
+                                                         "X-Forwarded-Proto set the client and scheme; off when empty"),
+    ("--proxy-protocol", "proxy_protocol", bool, "every connection starts with a PROXY protocol v1/v2 header "
+                                                 "(HAProxy send-proxy, cloud balancers) naming the client"),
     ("--min-body-rate", "min_body_rate", int, "a request body may take --body-timeout plus 1 s per N bytes "
                                               "received (408 after)"),
     ("--max-requests", "max_requests", int, "drain and exit 0 after N requests (systemd restarts it; 0: never)"),
@@ -217,6 +224,18 @@ def timeout_problem(timeout: float) -> tuple[str, str] | None:
     return None
 
 
+def forwarded_problem(spec: str) -> tuple[str, str] | None:
+    if not spec:
+        return None
+    from clusterctl.proxy import parse_trusted  # only when set: ipaddress stays out of a plain worker
+
+    try:
+        parse_trusted(spec)
+    except ValueError as e:
+        return (f"--forwarded-allow-ips {spec!r}: {e}", "list proxy addresses or networks, e.g. 127.0.0.1,10.0.0.0/8")
+    return None
+
+
 def ready_path_problem(path: str) -> tuple[str, str] | None:
     if path and (not path.startswith("/") or re.search(r"[\s\x00-\x1f\x7f#]", path)):
         return (f"--ready-path {path!r} is not a request path", "e.g. --ready-path /health")
@@ -236,7 +255,7 @@ def extra_args_problem(words: list[str]) -> tuple[str, str] | None:
         return (f"--worker-args {' '.join(words)!r} is not understood by the worker",
                 "give full option names with plain values, e.g. --worker-args '--threads 8 --max-requests 1000' "
                 "(python -m clusterctl.worker --help lists them)")
-    bad = ready_path_problem(parsed.get("ready_path", ""))
+    bad = ready_path_problem(parsed.get("ready_path", "")) or forwarded_problem(parsed.get("forwarded_allow_ips", ""))
     if bad:
         return bad
     if parsed.get("loop", "uvloop") not in ("uvloop", "asyncio"):

@@ -252,6 +252,8 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--user", "Bad User"], "is not a valid user name"),
     (["--app", "myapp:app", "--drain-timeout", "0"], "--drain-timeout 0 is out of range"),
     (["--app", "myapp:app", "--timeout", "0"], "--timeout 0 is out of range"),
+    (["--app", "myapp:app", "--worker-args", "--forwarded-allow-ips proxy.example"],
+     "--forwarded-allow-ips 'proxy.example': not an IP address or network"),
     (["--app", "myapp:app", "--timeout", "-5"], "--timeout -5 is out of range"),
     (["--app", "myapp:app", "--worker-args", "--timeout 5"], "use clusterctl generate --timeout instead"),
     (["--app", "myapp:app", "--ws-max-size", "-1"], "--ws-max-size '-1' is not a size in bytes"),
