@@ -53,6 +53,7 @@ from typing import Literal
 
 from clusterctl import proc
 from clusterctl.errors import ClusterctlError, CommandError
+from clusterctl.plan import NAME_RE
 
 SYSTEMD = "/lib/systemd/systemd"
 INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -175,7 +176,7 @@ exec /usr/bin/env -i container="$CONTAINER" container_uuid="$(cat /etc/machine-i
   /usr/bin/setpriv --bounding-set "$CAPDROP" -- "$SYSTEMD" --unit="$TARGET"
 """
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NAME_RE = NAME_RE  # a cluster's name is its sandbox's (up), so one rule for both
 _UNIT_RE = re.compile(r"[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|automount|path|timer|slice|scope)")
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -266,10 +267,12 @@ def _alive(pid: int | str | None) -> bool:
 
 
 def check_name(name: str) -> str:
-    """Sandbox names become paths and cgroup names: letters, digits, '-' and '_' only."""
+    """Sandbox names become paths and cgroup names; `up` names a sandbox after its cluster, so the rule is the
+    clusters' (a letter or digit first: never '.' or '..')."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ClusterctlError(f"bad sandbox name {name!r}",
-                              "use 1-64 letters, digits, '-' or '_' (e.g. --name test-1)")
+                              "use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit "
+                              "(e.g. --name test-1)")
     return name
 
 

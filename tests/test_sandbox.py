@@ -238,7 +238,7 @@ def empty_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "../x", "a b", "x" * 65, "é"])
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "..", ".x", "a b", "x" * 65, "é"])
 def test_bad_names_are_refused(empty_base: Path, name: str) -> None:
     with pytest.raises(ClusterctlError, match="bad sandbox name"):
         sb.up(name)
@@ -305,3 +305,10 @@ def test_cli_up_exec_ls_down(sandbox_factory) -> None:
         assert name not in runner.invoke(cli, ["sandbox", "ls"]).output
     finally:
         sb.down(name, missing_ok=True)
+
+
+def test_a_dotted_cluster_name_is_a_sandbox_name() -> None:
+    """`clusterctl up --name my.app` names its sandbox after the cluster: the two rules are one."""
+    from clusterctl.plan import parse_name
+
+    assert sb.check_name(parse_name("my.app")) == "my.app"
