@@ -3,7 +3,8 @@
 `systemctl reload NAME@I` runs `python -m clusterctl.reload` (ExecReload=, see clusterctl/reload.py),
 which drives both processes through what is defined here:
 
-    helper -> old main, control socket:  "fds"       -> the listening sockets (SCM_RIGHTS), WATCHDOG_USEC
+    helper -> old main, control socket:  "fds"       -> the listening sockets (SCM_RIGHTS), NOTIFY_SOCKET and
+              WATCHDOG_USEC (systemd sets those for the main process only)
     helper -> launcher (fresh interpreter, the unit's current ExecStart= words and Environment=)
               launcher forks the new process and exits at once: the new process is re-parented to
               systemd before it runs, so systemd supervises it like any main process (a child of the
@@ -177,7 +178,9 @@ class Control:
             return {"ok": False, "error": f"pid {os.getpid()} is draining (stopping or recycling)"}, []
         op = request.get("op")
         if op == "fds":
-            return {"ok": True, "pid": os.getpid(), "watchdog_usec": os.environ.get("WATCHDOG_USEC", "")}, self.fds
+            # systemd gives these to the main process only, not to the helper (ExecReload=)
+            return {"ok": True, "pid": os.getpid(), "notify_socket": os.environ.get("NOTIFY_SOCKET", ""),
+                    "watchdog_usec": os.environ.get("WATCHDOG_USEC", "")}, self.fds
         if op == "handover" and isinstance(request.get("pid"), int) and request["pid"] > 1:
             from systemd import daemon
 

@@ -81,7 +81,7 @@ class Helper:
         control = self._connect()
         reply, fds = self._ask(control, {"op": "fds"})
         try:
-            self._spawn(fds, reply.get("watchdog_usec") or "")
+            self._spawn(fds, reply)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -135,18 +135,18 @@ class Helper:
                                mark=False)
         return reply, fds
 
-    def _spawn(self, fds: list[int], watchdog_usec: str) -> None:
+    def _spawn(self, fds: list[int], main: dict[str, Any]) -> None:
         from clusterctl import proc
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.channel = ours
         env = dict(os.environ)
         env.pop("MAINPID", None)
-        env[handover.ENV_NOTIFY] = env.pop("NOTIFY_SOCKET", "")
+        env.pop("NOTIFY_SOCKET", None)
         env.update({handover.ENV_CHANNEL: str(theirs.fileno()), handover.ENV_FDS: " ".join(map(str, fds)),
-                    handover.ENV_PREDECESSOR: str(self.main_pid)})
-        if watchdog_usec:
-            env["WATCHDOG_USEC"] = watchdog_usec
+                    handover.ENV_PREDECESSOR: str(self.main_pid), handover.ENV_NOTIFY: str(main.get("notify_socket", ""))})
+        if main.get("watchdog_usec"):
+            env["WATCHDOG_USEC"] = str(main["watchdog_usec"])
         try:
             code = proc.launch(self.argv, env=env, pass_fds=[*fds, theirs.fileno()])
         finally:
@@ -191,10 +191,11 @@ class Helper:
 
     # -- endings ------------------------------------------------------------------------------------------
     def end_new(self) -> None:
-        """End the new process: SIGTERM once it serves (it drains what it took), SIGKILL before."""
-        if self.new_fd is not None:
+        """End the new process: once it serves, closing the channel makes it drain what it took; before,
+        it may be stuck in the app's import, so SIGKILL."""
+        if self.new_fd is not None and not self.serving:
             with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.new_fd, signal.SIGTERM if self.serving else signal.SIGKILL)
+                signal.pidfd_send_signal(self.new_fd, signal.SIGKILL)
         if self.channel is not None:
             self.channel.close()
             self.channel = None
