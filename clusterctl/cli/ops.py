@@ -248,12 +248,17 @@ def status(name: str | None, as_json: bool, prometheus: bool, watch: bool, inven
 @click.option("--health-url", metavar="PATH", help="Also wait for GET PATH to answer 2xx through the socket.")
 @click.option("--timeout", default=60.0, show_default=True, metavar="S", help="Seconds a batch may take to be READY.")
 @click.option("--no-surge", is_flag=True, help="Do not start a spare instance on the new code first.")
+@click.option("--how", type=click.Choice(["auto", "reload", "restart"]), default="auto", show_default=True,
+              help="reload: in place (systemctl reload, no instance stops serving); restart: restart instances "
+                   "(applies every unit setting); auto: reload unless what `install` changed needs a restart.")
 @target_options
-def reload(name: str, batch: str, pause: float, health_url: str | None, timeout: float, no_surge: bool,
+def reload(name: str, batch: str, pause: float, health_url: str | None, timeout: float, no_surge: bool, how: str,
            sandbox: str | None, user_manager: bool) -> None:
-    """Rolling deploy: restart workers batch by batch, each READY before the next; stop on the first failure."""
+    """Rolling deploy, one worker at a time, each serving before the next; stops on the first failure.
+
+    Says which way it went: in place (`systemctl reload`) or by restarts (--batch, --pause, --no-surge)."""
     ops.reload(_sd(sandbox, user_manager), name, batch=batch, pause=pause, health_url=health_url,
-               timeout=timeout, surge=not no_surge, progress=click.echo)
+               timeout=timeout, surge=not no_surge, how=how, progress=click.echo)
 
 
 @cli.command()
