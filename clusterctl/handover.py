@@ -45,6 +45,7 @@ ENV_CHANNEL = "CLUSTERCTL_RELOAD_CHANNEL"
 ENV_FDS = "CLUSTERCTL_RELOAD_FDS"
 ENV_PREDECESSOR = "CLUSTERCTL_RELOAD_PREDECESSOR"
 ENV_NOTIFY = "CLUSTERCTL_RELOAD_NOTIFY_SOCKET"
+ENV_LAUNCHER = "CLUSTERCTL_RELOAD_LAUNCHER"
 MAX_FDS = 64
 
 
@@ -269,11 +270,11 @@ class Successor:
     async def take_over(self) -> bool:
         """Say "ready", wait for "main", then notify and own the sockets. False: the reload was abandoned."""
         assert self.runtime is not None and self.main is not None and self.loop is not None
-        rt = self.runtime
-        launcher = int(os.environ.pop("CLUSTERCTL_RELOAD_LAUNCHER", "0") or 0)
-        while os.getppid() == launcher:  # re-parented to systemd before MAINPID points here (a few ms at most)
-            import asyncio
+        import asyncio
 
+        rt = self.runtime
+        launcher = int(os.environ.pop(ENV_LAUNCHER, "0") or 0)
+        while os.getppid() == launcher:  # re-parented to systemd before MAINPID points here (a few ms at most)
             await asyncio.sleep(0.005)
         self.send("ready")
         if not await self.main or rt.draining:
@@ -324,7 +325,7 @@ def adopt() -> Successor | None:
         with contextlib.suppress(OSError):
             os.write(channel, f"pid {child}\n".encode())
         os._exit(0)
-    os.environ["CLUSTERCTL_RELOAD_LAUNCHER"] = str(launcher)
+    os.environ[ENV_LAUNCHER] = str(launcher)
     fds = [int(x) for x in os.environ.pop(ENV_FDS, "").split()]
     # Move the sockets to 3, 4, ... (SD_LISTEN_FDS_START) by way of high numbers, so none is overwritten.
     channel = _move_high(channel)

@@ -188,7 +188,7 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: no window for a default death
             loop.add_signal_handler(sig, self.on_signal, sig)
         staged = self.successor is not None
-        if staged:
+        if self.successor is not None:
             self.successor.attach(self)
         # messaging hook: bind /run/NAME/worker-I.sock and load the saved state before serving and READY=1
         self.inbox = messaging.Inbox.start(loop, self.cfg.instance, staged=staged)
