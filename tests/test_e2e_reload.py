@@ -218,7 +218,9 @@ def test_broadcast_during_reload_reaches_every_new_process(cluster: tuple[System
     assert not reloading.is_alive()
     for pid in show(sd, "MainPID"):
         seen = json.loads((run_dir / f"seen-{pid}.json").read_text())
-        assert {f"during{k}": k for k in range(6)}.items() <= seen.items(), (pid, seen)
+        assert {f"during{k}": k for k in range(6)}.items() <= seen.items(), (  # with what to diagnose a miss by
+            pid, seen, [d.summary(NAME) for d in delivered],
+            sd.journalctl("-u", f"{NAME}@*", "-n", "80", "-o", "short-precise"))
 
 
 def test_stop_during_reload_leaves_nothing_failed(cluster: tuple[Systemd, Path]) -> None:
