@@ -275,19 +275,21 @@ class Inbox:
     """A worker's datagram socket, read on the event loop; updates `clusterctl.worker.state` and calls
     the app's `on_message` handlers. Never raises into the loop: a bad message is logged and dropped."""
 
-    def __init__(self, directory: str | Path, instance: str) -> None:
+    def __init__(self, directory: str | Path, instance: str, staged: bool = False) -> None:
         import clusterctl.worker as api  # the module the app imported (not __main__ under python -m)
 
         self.api = api
         self.directory = os.fspath(directory)
         self.path = os.path.join(self.directory, socket_name(instance))
+        # In-place reload: a new process binds a hidden name until it takes over (see `publish`).
+        self.bound = os.path.join(self.directory, f".{socket_name(instance)}.{os.getpid()}") if staged else self.path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)  # left by this instance's previous process (RuntimeDirectoryPreserve=yes)
-            self.sock.bind(self.path)
-            os.chmod(self.path, 0o600)
-            self.ino = os.stat(self.path).st_ino
+                os.unlink(self.bound)  # left by this instance's previous process (RuntimeDirectoryPreserve=yes)
+            self.sock.bind(self.bound)
+            os.chmod(self.bound, 0o600)
+            self.ino = os.stat(self.bound).st_ino
         except OSError:
             self.sock.close()
             raise
@@ -295,14 +297,14 @@ class Inbox:
         self.tasks: set[asyncio.Future[Any]] = set()  # running async handlers (strong references)
 
     @classmethod
-    def start(cls, loop: Any, instance: str) -> Inbox | None:
+    def start(cls, loop: Any, instance: str, staged: bool = False) -> Inbox | None:
         """Bind, load the saved state, and read on `loop`; call before READY=1. None (messaging off) outside
         a unit with RuntimeDirectory= (e.g. `clusterctl run`), or when the socket cannot be bound."""
         directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
         if not directory or not instance:
             return None
         try:
-            inbox = cls(directory, instance)
+            inbox = cls(directory, instance, staged)
         except OSError as e:
             log.warning("messaging off: cannot bind %s: %s", os.path.join(directory, socket_name(instance)), e)
             return None
@@ -312,6 +314,21 @@ class Inbox:
             inbox.api._set_state(state)
             inbox._dispatch(state)  # handlers see the saved state once, as if it were one broadcast
         return inbox
+
+    def publish(self) -> None:
+        """In-place reload, once this process is main: rename the staged socket over the predecessor's, then
+        read state.json again. A broadcast sends after saving, so one sent before the rename is in the file
+        and one sent after it reaches us: none is missed. Keys that changed meanwhile go to the handlers."""
+        if self.bound == self.path:
+            return
+        os.rename(self.bound, self.path)
+        self.bound = self.path
+        old = self.api.state.snapshot()
+        state = load_state(self.directory)
+        changed = {k: v for k, v in state.items() if k not in old or old[k] != v}
+        if changed:
+            self.api._set_state({**old, **changed})
+            self._dispatch(changed)
 
     def attach(self, loop: Any) -> None:
         self.loop = loop
@@ -365,8 +382,8 @@ class Inbox:
                 self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self.ino:  # ours, not a successor's
-                os.unlink(self.path)
+            if os.stat(self.bound).st_ino == self.ino:  # ours, not a successor's
+                os.unlink(self.bound)
 
 
 def runtime_dir(name: str, *, user: bool = False) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clusterctl import messaging, proc
+from clusterctl import messaging, proc, rollout
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.plan import NAME_RE, socket_unit
 from clusterctl.systemd import Systemd
@@ -104,6 +104,8 @@ def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = Fa
     written = []
     for f in files:
         dest = unit_dir / f.name
+        if f.name == f"{name}@.service":  # in-place reload: remember what only a restart applies
+            rollout.note_install(sd, name, dest.read_text() if dest.is_file() else None, f.read_text())
         tmp = dest.with_name(f".{f.name}.tmp")
         tmp.write_text(f.read_text())
         tmp.replace(dest)
@@ -151,6 +153,7 @@ def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
         sd.path(f).unlink(missing_ok=True)
         progress(f"removed {f}")
     manifest.unlink()
+    rollout.forget(sd, name)
     sd.systemctl("daemon-reload")
     if units:
         sd.systemctl("reset-failed", *units, check=False)
@@ -212,6 +215,9 @@ class InstanceStatus:
     why: str = ""
     # Open WebSockets (ASGI workers report them in STATUS=; None for WSGI workers).
     websockets: int | None = None
+    # In-place reloads (`systemctl reload`, which NRestarts does not count): how many, and the last one's time.
+    reloads: int = 0
+    last_reload: float | None = None
 
 
 @dataclass
@@ -263,6 +269,9 @@ _PROM_METRICS: list[tuple[str, str, str, Callable[[InstanceStatus], float | None
     ("requests_in_flight", "gauge", "Requests in progress in the worker.", lambda i: i.in_flight),
     ("errors_total", "counter", "Requests that ended in an app error (500).", lambda i: i.errors),
     ("websockets", "gauge", "Open WebSockets (ASGI workers).", lambda i: i.websockets),
+    ("reloads_total", "counter", "In-place reloads of the worker (systemctl reload; not restarts).", lambda i: i.reloads),
+    ("last_reload_timestamp_seconds", "gauge", "Unix time of the worker's last in-place reload.",
+     lambda i: i.last_reload),
 ]
 
 
@@ -317,6 +326,7 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
     if sample and cpu0:
         time.sleep(sample)
     out = ClusterStatus(name, sd.where, inst.workers, inst.balance, list(inst.listen), socket_state)
+    reloads = rollout.reload_counts(sd, messaging.runtime_dir(name, user=sd.user))
     for r in rows:
         pid = int(r.get("MainPID") or 0)
         started = _int(r.get("ExecMainStartTimestampMonotonic"))
@@ -353,7 +363,8 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
             requests=req, in_flight=fl, errors=err, status_text=text,
             configured=instance.isdigit() and int(instance) in inst.instances, why=why,
-            websockets=parse_websockets(text)))
+            websockets=parse_websockets(text), reloads=int(reloads.get(instance, {}).get("count", 0)),
+            last_reload=reloads.get(instance, {}).get("last")))
     out.task = _task_status(sd, name)
     return out
 
@@ -425,8 +436,9 @@ def _restart(sd: Systemd, units: list[str], timeout: float) -> None:
 
 
 def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, health_url: str | None = None,
-           timeout: float = 60.0, surge: bool = True, progress: Progress = print) -> None:
-    """Rolling deploy: restart instances batch by batch, each READY (and healthy) before the next.
+           timeout: float = 60.0, surge: bool = True, how: str = "auto", progress: Progress = print) -> None:
+    """Rolling deploy, in place (`systemctl reload`, see clusterctl.rollout) where the installed units and
+    what changed allow it, else by restarting instances batch by batch, each READY (and healthy) first.
 
     With the shared socket a surge instance NAME@N+1 starts first on the new code: if it does not come
     up, it is stopped and every instance is left untouched on the old code. Each `systemctl restart` of
@@ -439,6 +451,24 @@ def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, heal
     size = batch_size(batch, inst.workers)
     if health_url is not None and not health_url.startswith("/"):
         raise ClusterctlError(f"--health-url {health_url!r} must be a path", "e.g. --health-url /health")
+    units = [inst.service(i) for i in inst.instances]
+    states = {r["Id"]: r.get("ActiveState", "") for r in sd.show(units, ("Id", "ActiveState"))}
+    mechanism, why = rollout.choose(sd, name, sd.path(inst.unit_dir).joinpath(f"{name}@.service").read_text(),
+                                    states, how=how, batch=batch, pause=pause)
+    progress(f"{name}: {'in-place reload (systemctl reload)' if mechanism == 'reload' else 'rolling restart'}: {why}")
+    if mechanism == "reload":
+        rollout.reload_in_place(sd, name, units, progress=progress)
+        if health_url:
+            _wait_health(sd, inst, health_url, timeout)
+        return
+    _rolling_restart(sd, inst, size=size, pause=pause, health_url=health_url, timeout=timeout, surge=surge,
+                     progress=progress)
+    rollout.forget(sd, name)
+
+
+def _rolling_restart(sd: Systemd, inst: Installed, *, size: int, pause: float, health_url: str | None,
+                     timeout: float, surge: bool, progress: Progress) -> None:
+    name = inst.name
     t0 = time.monotonic()
     spare = inst.service(inst.workers + 1)
     use_surge = surge and inst.balance == "shared"

@@ -83,3 +83,23 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iter
         if child.poll() is None:
             child.terminate()
         child.wait()
+
+
+def launch(argv: Sequence[str], *, env: Mapping[str, str], pass_fds: Sequence[int] = (), timeout: float = 30.0) -> int:
+    """Run a launcher that forks its real work off and exits at once (the in-place reload's new worker,
+    see clusterctl.handover); returns its exit code. stdout/stderr are inherited: under systemd, the journal."""
+    if isinstance(argv, str):
+        raise TypeError("launch() takes an argument list, not a shell string")
+    args = [str(a) for a in argv]
+    log.debug("launch: %s", shlex.join(args))
+    try:
+        child = subprocess.Popen(args, env=dict(env), pass_fds=tuple(pass_fds), stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise CommandError(f"cannot run {shlex.join(args)}: {e.strerror or e}",
+                           "check ExecStart='s interpreter path (clusterctl generate --python)") from e
+    try:
+        return child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        child.kill()
+        child.wait()
+        raise CommandError(f"{shlex.join(args)} did not fork within {timeout:g}s") from e

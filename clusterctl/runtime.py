@@ -27,7 +27,7 @@ import sys
 import traceback
 from typing import Any
 
-from clusterctl import asgi, messaging, notify
+from clusterctl import asgi, handover, messaging, notify
 from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.engine import Limits, Server, WSGIApp
 from clusterctl.errors import ClusterctlError
@@ -157,6 +157,10 @@ class Runtime:
         self.notifying = notify.enabled()
         self.inbox: messaging.Inbox | None = None
         self.monitor: Monitor | None = None
+        # In-place reload (clusterctl.handover): our control socket, and our side of a hand-over when the
+        # reload helper started us to replace a running process.
+        self.control: handover.Control | None = None
+        self.successor: handover.Successor | None = None
 
     @staticmethod
     def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -184,6 +188,8 @@ class Runtime:
             self.server.close()
             if self.inbox is not None:  # messaging hook
                 self.inbox.close()
+            if self.control is not None:  # in-place reload hook
+                self.control.close()
             loop.close()
         log.info("exiting with %d", code)
         return code
@@ -192,8 +198,12 @@ class Runtime:
         loop = self.loop
         for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: no window for a default death
             loop.add_signal_handler(sig, self.on_signal, sig)
+        staged = self.successor is not None
+        if self.successor is not None:
+            self.successor.attach(self)
         # messaging hook: bind /run/NAME/worker-I.sock and load the saved state before serving and READY=1
-        self.inbox = messaging.Inbox.start(loop, self.cfg.instance)
+        self.inbox = messaging.Inbox.start(loop, self.cfg.instance, staged=staged)
+        self.control = handover.Control.start(self, staged=staged)  # in-place reload hook
         if self.lifespan is not None:
             await self.lifespan.startup()
         if self.cfg.ready_path:
@@ -203,6 +213,9 @@ class Runtime:
             self.server.stop_accepting()
         where = ", ".join(notify.describe(s) for s in self.socks)
         log.info("serving %s on %s (pid %d)", self.cfg.app, where, os.getpid())
+        if self.successor is not None and not await self.successor.take_over():
+            return await self._finish_successor(await self.done)  # the reload was abandoned: drained, not main
+        self.notifying = notify.enabled()
         notify.notify(ready=True, status=f"serving {self.cfg.app} on {where}")
         if self.notifying:
             loop.call_later(1.0, self._status)
@@ -215,6 +228,12 @@ class Runtime:
         code = await self.done
         if self.lifespan is not None:
             code = await self._shutdown_lifespan(code)
+        return await self._finish_successor(code)
+
+    async def _finish_successor(self, code: int) -> int:
+        """A process that replaced another in place waits for it before exiting (see clusterctl.handover)."""
+        if self.successor is not None:
+            await self.successor.wait_predecessor(self.cfg.drain_timeout + 5)
         return code
 
     async def _wait_ready(self, path: str) -> None:
@@ -353,8 +372,21 @@ class Runtime:
             self.done.set_result(code)
 
 
+def _serve(cfg: WorkerConfig, successor: handover.Successor | None) -> int:
+    socks = take_sockets(cfg)
+    try:
+        interface, app = asgi.detect(load_app(cfg.app), cfg.app, cfg.interface)
+        runtime = Runtime(cfg, app, socks, interface)
+        runtime.successor = successor
+        return runtime.run()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def run(cfg: WorkerConfig) -> int:
     """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
+    successor = handover.adopt()  # first: a process the reload helper started forks off its launcher here
     # stderr without blocking: a stalled journald must not stop the event loop (see clusterctl.accesslog)
     try:
         handler: logging.Handler = LogHandler(sys.stderr.fileno())
@@ -374,15 +406,14 @@ def run(cfg: WorkerConfig) -> int:
     bad = (worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
            or worker_api.ready_path_problem(cfg.ready_path) or worker_api.timeout_problem(cfg.timeout)
            or worker_api.forwarded_problem(cfg.forwarded_allow_ips))
-    if bad:
-        raise ClusterctlError(*bad)
-    socks = take_sockets(cfg)
     try:
-        interface, app = asgi.detect(load_app(cfg.app), cfg.app, cfg.interface)
-        code = Runtime(cfg, app, socks, interface).run()
-    finally:
-        for sock in socks:
-            sock.close()
+        if bad:
+            raise ClusterctlError(*bad)
+        code = _serve(cfg, successor)
+    except ClusterctlError as e:
+        if successor is not None:  # the reload helper prints it into the journal as the reload's failure
+            successor.fail(str(e))
+        raise
     if code != 0:
         # Forced exit: request threads may still be stuck in the app, and interpreter shutdown would
         # join them. The deadline is the deadline.

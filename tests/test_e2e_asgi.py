@@ -128,10 +128,9 @@ def test_rolling_reload_with_websockets(sandbox: sb.Sandbox, tmp_path: Path) -> 
         assert clients.errors == []
         # each leaving worker drained in time: exit 0, no deadline, nothing killed by systemd
         log = sd.journalctl("-u", f"{NAME}@*", "-o", "cat")
-        assert log.count("exiting with 0") >= 3, log[-3000:]  # @1, @2 and the surge @3
+        assert f"{NAME}: in-place reload (systemctl reload)" in out, out  # the default for these units
+        assert log.count("exiting with 0") >= 2, log[-3000:]  # the replaced processes of @1 and @2
         assert "drain timeout" not in log and "exiting with 1" not in log
-        (surge,) = sd.show([f"{NAME}@3.service"], ("Result", "ExecMainStatus", "ActiveState"))
-        assert (surge["Result"], surge["ExecMainStatus"], surge["ActiveState"]) == ("success", "0", "inactive"), surge
         assert not re.search(r"timed out|Killing process|status=9/KILL", sd.journalctl("-u", f"{NAME}@*")), log[-2000:]
         assert took < 40, took
     finally:

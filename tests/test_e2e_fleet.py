@@ -282,14 +282,14 @@ def test_rolling_deploy_release_2_under_load(fleet: Fleet) -> None:
     assert all(fleet.get(h) == (200, b"r2") for h in HOSTS)
     assert all(set(fleet.pids(h)).isdisjoint(pids[h]) for h in HOSTS)  # every worker is a new process
 
-    # one host at a time, in inventory order: host k's reload (surge start .. surge stop) ends before
-    # host k+1's begins, read from each host's own journal
+    # one host at a time, in inventory order: host k's reload (systemd's first to last line about its workers:
+    # in place, "Reloading" .. "Reloaded") ends before host k+1's begins, read from each host's own journal
     spans = []
     for h in HOSTS:
         events = journal_window(fleet.hosts[h], since)
-        surge = [t for t, u, m in events if u == f"{NAME}@3.service"]
-        assert surge, (h, events)
-        spans.append((min(surge), max(surge)))
+        reloads = [t for t, u, m in events if m.startswith(("Reloading ", "Reloaded "))]
+        assert len(reloads) == 4, (h, events)  # each of the 2 workers in place, none restarted
+        spans.append((min(t for t, _u, _m in events), max(t for t, _u, _m in events)))
     assert spans[0][1] < spans[1][0] and spans[1][1] < spans[2][0], spans
 
 
@@ -301,7 +301,7 @@ def test_broken_release_3_stops_at_the_first_host(fleet: Fleet) -> None:
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith("Error: h1: release r3-") and "rolling reload onto the release" in err, r.stderr
-    assert "moved back to release r2-" in err and "all 2 instances still run the old code" in err, err
+    assert "moved back to release r2-" in err and "still run the old code" in err, err
     assert load.errors == [], load.errors[:5]
     assert fleet.current("h1") == before["h1"][0] and fleet.get("h1") == (200, b"r2")
     for h in ("h2", "h3"):  # never switched: same link, same worker processes

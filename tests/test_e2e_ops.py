@@ -81,12 +81,26 @@ def test_operations_lifecycle(sandbox: sb.Sandbox, units: Path) -> None:
         assert re.search(rf'^clusterctl_worker_memory_bytes{{cluster="{NAME}",instance="{i}"}} [1-9][0-9]+$', prom, re.M)
         assert f'clusterctl_worker_restarts_total{{cluster="{NAME}",instance="{i}"}} 0\n' in prom
     table = clusterctl("status", NAME, "--sandbox", s)
-    assert re.search(r"^instance\s+pid\s+state\s+uptime\s+restarts\s+cpu\s+cpu%\s+memory\s+requests", table, re.M)
+    assert re.search(r"^instance\s+pid\s+state\s+uptime\s+restarts\s+reloads\s+cpu\s+cpu%\s+memory\s+requests", table, re.M)
 
-    # rolling reload under load: 0 failed, and each instance READY before the next one stops
-    mark = cursor(sd)
+    # in-place reload (the default for units from this clusterctl) under load: 0 failed, counted per instance
     with Load(s, PORT) as load:
         out = clusterctl("reload", NAME, "--health-url", "/health", "--sandbox", s)
+    assert load.result.errors == [] and load.result.ok >= 50
+    assert f"{NAME}: in-place reload (systemctl reload): " in out, out
+    assert re.search(rf"^{NAME}@1\.service: pid \d+ -> \d+ \(reloaded in place\)$", out, re.M), out
+    st = json.loads(clusterctl("status", NAME, "--json", "--sandbox", s))
+    assert [(i["reloads"], i["restarts"]) for i in st["instances"]] == [(1, 0), (1, 0)]
+    assert all(i["last_reload"] for i in st["instances"])
+    prom = clusterctl("status", NAME, "--prometheus", "--sandbox", s)
+    assert f'clusterctl_worker_reloads_total{{cluster="{NAME}",instance="2"}} 1\n' in prom
+    assert re.search(r"^\s*1\s+\d+\s+active/running\s+\S+\s+0\s+1 \(\d+s ago\)",
+                     clusterctl("status", NAME, "--sandbox", s), re.M)
+
+    # rolling restart under load: 0 failed, and each instance READY before the next one stops
+    mark = cursor(sd)
+    with Load(s, PORT) as load:
+        out = clusterctl("reload", NAME, "--how", "restart", "--health-url", "/health", "--sandbox", s)
     assert load.result.errors == [] and load.result.ok >= 50
     assert f"{NAME}@3.service: new code READY (surge instance" in out
     assert f"{NAME}: 2/2 instances on the new code" in out
@@ -151,9 +165,15 @@ def test_reload_aborts_on_broken_release_leaving_old_code(sandbox: sb.Sandbox, t
     try:
         pids = [r["MainPID"] for r in sd.show(["relapp@1.service", "relapp@2.service"], ("MainPID",))]
         sd.path(app / "relapp.py").write_text("raise ImportError('release 2 is broken')\n")
-        result = CliRunner().invoke(cli, ["reload", "relapp", "--sandbox", s, "--timeout", "20"])
+        result = CliRunner().invoke(cli, ["reload", "relapp", "--how", "restart", "--sandbox", s, "--timeout", "20"])
         assert result.exit_code != 0
         assert "all 2 instances still run the old code" in result.output
+        # the same in place: the first instance's new process fails to import, the other is not even tried
+        result = CliRunner().invoke(cli, ["reload", "relapp", "--sandbox", s])
+        assert result.exit_code != 0
+        assert re.search(r"in-place reload failed: relapp@\d: reload failed: the new process \(pid \d+\) failed: "
+                         r"importing 'relapp' raised ImportError: release 2 is broken.*0 instance\(s\) run the new "
+                         r"code, the others still run the old code", result.output), result.output
         assert [r["MainPID"] for r in sd.show(["relapp@1.service", "relapp@2.service"], ("MainPID",))] == pids
         assert sd.show(["relapp@3.service"], ("ActiveState",))[0]["ActiveState"] == "inactive"
         with sb.netns(s):

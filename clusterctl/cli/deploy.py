@@ -101,7 +101,8 @@ def print_fleet_status(inventory: Path, name: str | None, as_json: bool) -> None
     else:
         ws = ws_column(fleet.instances())
         rows = [[str(r["host"]), str(r["release"] or "-"), *instance_cells(r, ws)] for r in fleet.instances()]
-        rows += [[h.host, h.release or "-", "-", "-", h.error, *["-"] * (8 + len(ws))] for h in fleet.hosts if h.error]
+        rows += [[h.host, h.release or "-", "-", "-", h.error, *["-"] * (len(INSTANCE_HEAD) - 3 + len(ws))]
+                 for h in fleet.hosts if h.error]
         ok = [h for h in fleet.hosts if not h.error]
         click.echo(f"{fleet.name or name or '?'}: {len(ok)}/{len(fleet.hosts)} hosts answered, "
                    f"{len(fleet.instances())} instances")

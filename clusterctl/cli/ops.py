@@ -343,16 +343,20 @@ def status(name: str | None, as_json: bool, prometheus: bool, watch: bool, inven
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="S",
               help="Seconds a batch may take to be READY.")
 @click.option("--no-surge", is_flag=True, help="Do not start a spare instance on the new code first.")
+@click.option("--how", type=click.Choice(["auto", "reload", "restart"]), default="auto", show_default=True,
+              help="reload: in place (systemctl reload, no instance stops serving); restart: restart instances "
+                   "(applies every unit setting); auto: reload unless what `install` changed needs a restart.")
 @target_options
-def reload(name: str | None, batch: str, pause: float, health_url: str | None, timeout: float, no_surge: bool,
+def reload(name: str | None, batch: str, pause: float, health_url: str | None, timeout: float, no_surge: bool, how: str,
            sandbox: str | None, user_manager: bool) -> None:
-    """Rolling deploy: restart workers batch by batch, each READY before the next; stop on the first failure.
+    """Rolling deploy, one worker at a time, each serving before the next; stops on the first failure.
 
+    Says which way it went: in place (`systemctl reload`) or by restarts (--batch, --pause, --no-surge).
     Without NAME, every app of the clusterctl.toml in this directory, one after the other."""
     where = {n: registry.locate(n, sandbox, user_manager, doing="reload") for n in names_here(name, "reload")}
     for n, sd in where.items():
         ops.reload(sd, n, batch=batch, pause=pause, health_url=health_url, timeout=timeout, surge=not no_surge,
-                   progress=click.echo)
+                   how=how, progress=click.echo)
 
 
 @cli.command()

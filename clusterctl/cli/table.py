@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import click
 
-INSTANCE_HEAD = ["instance", "pid", "state", "uptime", "restarts", "cpu", "cpu%", "memory", "requests", "inflight",
+INSTANCE_HEAD = ["instance", "pid", "state", "uptime", "restarts", "reloads", "cpu", "cpu%", "memory", "requests", "inflight",
                  "errors"]
 
 
@@ -43,10 +44,17 @@ def ws_column(instances: Iterable[Mapping[str, Any]]) -> list[str]:
     return ["websockets"] if any(i.get("websockets") is not None for i in instances) else []
 
 
+def _reloads(i: Mapping[str, Any]) -> str:
+    """In-place reloads: the count, and how long ago the last one was ("2 (5m ago)")."""
+    last = i.get("last_reload")
+    return f"{i.get('reloads') or 0}" + (f" ({fmt_duration(max(0.0, time.time() - last))} ago)" if last else "")
+
+
 def instance_cells(i: Mapping[str, Any], ws: Sequence[str] = ()) -> list[str]:
     """The INSTANCE_HEAD cells of one instance (plus `ws_column`'s), from `ops.InstanceStatus` as a dict (or its JSON)."""
     return [f"{i.get('instance')}{'' if i.get('configured', True) else '*'}", str(i.get("pid") or "-"),
             f"{i.get('state')}/{i.get('sub_state')}", fmt_duration(i.get("uptime_s")), str(i.get("restarts", 0)),
+            _reloads(i),
             _opt(i.get("cpu_s"), "{:.2f}s"), _opt(i.get("cpu_pct"), "{:.0f}%"), fmt_bytes(i.get("memory_bytes")),
             _opt(i.get("requests")), _opt(i.get("in_flight")), _opt(i.get("errors"))] + [_opt(i.get("websockets")) for _ in ws]
 
