@@ -110,6 +110,7 @@ class Control:
         # Our own copies: the event loop's servers close theirs when the drain begins.
         self.fds = [os.dup(s.fileno()) for s in runtime.socks]
         self.conns: set[socket.socket] = set()
+        self.handed_over = False  # a successor took over: its sockets now sit at our paths
         self.loop.add_reader(self.sock.fileno(), self._accept)
 
     @classmethod
@@ -170,6 +171,9 @@ class Control:
             self._drop(conn)
             return
         if reply.get("ok") and request.get("op") == "handover":
+            self.handed_over = True
+            if self.runtime.inbox is not None:
+                self.runtime.inbox.handed_over = True
             self.runtime.drain(f"reloaded: pid {request['pid']} took over")
 
     def answer(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -203,6 +207,8 @@ class Control:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        if self.handed_over:  # the successor renames its socket over the path (see messaging.Inbox.close)
+            return
         with contextlib.suppress(OSError):
             if os.stat(self.bound).st_ino == self.ino:  # ours, not a successor's
                 os.unlink(self.bound)

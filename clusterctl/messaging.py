@@ -295,6 +295,9 @@ class Inbox:
             raise
         self.loop: Any = None
         self.tasks: set[asyncio.Future[Any]] = set()  # running async handlers (strong references)
+        # Set when an in-place reload replaced this process: the stat-then-unlink in close() could otherwise
+        # remove the socket its successor has just renamed into place (the successor's broadcasts then missed).
+        self.handed_over = False
 
     @classmethod
     def start(cls, loop: Any, instance: str, staged: bool = False) -> Inbox | None:
@@ -381,6 +384,8 @@ class Inbox:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        if self.handed_over:  # the successor renames its socket over the path: never race it with an unlink
+            return
         with contextlib.suppress(OSError):
             if os.stat(self.bound).st_ino == self.ino:  # ours, not a successor's
                 os.unlink(self.bound)
