@@ -59,10 +59,11 @@ class Change:
 
 
 def _meaning(name: str, fname: str, text: str) -> list[str]:
-    """The lines that matter: no comments or Description= (which name the worker count), and for the target
-    no worker Wants= (the count, compared on its own)."""
+    """The lines that matter: no comments, Description= or TimeoutStartSec= (which follow the worker count),
+    and for the target no worker Wants= (the count, compared on its own)."""
     lines = [ln for ln in text.splitlines()
-             if ln.strip() and not ln.lstrip().startswith(("#", ";")) and not ln.startswith("Description=")]
+             if ln.strip() and not ln.lstrip().startswith(("#", ";"))
+             and not ln.startswith(("Description=", "TimeoutStartSec="))]
     if fname == f"{name}.target":
         lines = [ln for ln in lines if not re.fullmatch(rf"Wants={re.escape(name)}(-listen)?@\d+\.(service|socket)", ln)]
     return lines
