@@ -13,9 +13,10 @@ Two layers, kept apart so an ASGI adapter (issue 10) can reuse the first:
 
 Lifecycle (signals, notify, drain deadline) lives in runtime.py; `Server` here only offers the hooks
 (`begin_drain`, `force_close`, counters) it needs. By default a WSGI app runs inline on the event loop's
-thread, one request at a time, as under a sync server: that is what makes it fast. While app code runs
-the loop is hidden from it (no running loop is visible), so Django's ORM, asgiref's async_to_sync, Flask's
-async views and asyncio.run() inside a view behave as under gunicorn's sync worker. A streamed response
+thread, one request at a time, as under a sync server: that is what makes it fast. The runtime hides the
+running loop from everything but coroutines (`hide_running_loop`), so app code sees none and Django's
+ORM, asgiref's async_to_sync, Flask's async views and asyncio.run() inside a view behave as under
+gunicorn's sync worker. A streamed response
 (an iterable of unknown length) is sent one chunk per loop turn, so each chunk is flushed, a client that
 left is noticed and the iterable closed, and no other request's app code runs in between (the app is one
 "slot" per worker: requests that arrive meanwhile wait for it). `Server.app_req` and `Server.beats` let
@@ -43,7 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -51,11 +52,59 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-# asyncio's own setter (C in CPython): hides the running loop from WSGI app code for the span of a call. On
-# CPython 3.11 each call allocates a holder and asks getpid() (a system call): two per request, ~0.3 us here,
-# the measured price of apps behaving as under a sync server (bench/RESULTS.md). Restored only when the loop
-# really runs (loop.is_running() is a C attribute read), so driving a protocol outside a loop leaves none set.
 _set_running_loop = asyncio._set_running_loop  # type: ignore[attr-defined]
+
+
+class _Visible(Coroutine[Any, Any, Any]):
+    """A coroutine that sees its running loop only while it runs a step (see `hide_running_loop`)."""
+
+    __slots__ = ("coro", "loop")
+
+    def __init__(self, coro: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.coro = coro
+        self.loop = loop
+
+    def send(self, value: Any) -> Any:
+        _set_running_loop(self.loop)
+        try:
+            return self.coro.send(value)
+        finally:
+            _set_running_loop(None)
+
+    def throw(self, *args: Any) -> Any:
+        _set_running_loop(self.loop)
+        try:
+            return self.coro.throw(*args)
+        finally:
+            _set_running_loop(None)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __getattr__(self, name: str) -> Any:  # cr_frame, __qualname__ ...: what asyncio's repr and debug read
+        return getattr(self.coro, name)
+
+
+def _visible_task(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+    return asyncio.Task(_Visible(coro, loop), loop=loop, **kw)
+
+
+def hide_running_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Run WSGI app code as under a sync server: no running event loop visible to it, so Django's
+    async-unsafe checks, asgiref's async_to_sync, Flask's async views and asyncio.run() in a view work.
+
+    The loop is hidden from every callback (protocol callbacks, where the app runs, timers) and shown only
+    to coroutines, each step of which a task factory wraps. In a WSGI worker coroutines are the runtime's own
+    (start-up, readiness probe, hand-over), so the price is paid a few times per process instead of twice per
+    request: on CPython 3.11 each `_set_running_loop` allocates and calls getpid(), a system call (~0.25 us on
+    these VMs; bench/RESULTS.md). Call before run_until_complete: the first task step hides it."""
+    loop.set_task_factory(_visible_task)
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -1265,8 +1314,6 @@ class WsgiProtocol(HttpProtocol):
         # App code sees no running loop, as under a sync server (Django's async-unsafe checks, async_to_sync,
         # asyncio.run); the monitor thread reads app_req to name a request that outlives --timeout.
         server.app_req = req
-        running = self.loop if self.loop.is_running() else None
-        _set_running_loop(None)
         try:
             try:
                 env = self.build_environ(req)
@@ -1327,7 +1374,6 @@ class WsgiProtocol(HttpProtocol):
             self.cur_req = req
             self._respond(result)
         finally:
-            _set_running_loop(running)
             server.app_req = None
 
     def _run_threaded(self, env: dict[str, Any], req: Request) -> None:
@@ -1348,12 +1394,9 @@ class WsgiProtocol(HttpProtocol):
         server = self.server
         server.app_req = self.cur_req
         server.app_steps += 1
-        running = self.loop if self.loop.is_running() else None
-        _set_running_loop(None)
         try:
             self._pump()
         finally:
-            _set_running_loop(running)
             server.app_req = None
 
     def _release_app(self) -> None:
@@ -1497,12 +1540,7 @@ class WsgiProtocol(HttpProtocol):
             # The client left mid-response: close the app's iterable now (PEP 3333), the loop hidden as for
             # any app code, and free the app slot for the requests waiting on it.
             self.resp_iter = None
-            running = self.loop if self.loop.is_running() else None
-            _set_running_loop(None)
-            try:
-                self._close_result(self.resp_result)
-            finally:
-                _set_running_loop(running)
+            self._close_result(self.resp_result)
             self.resp_result = None
             self.busy = False
             self.server.in_flight -= 1

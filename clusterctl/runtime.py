@@ -29,7 +29,7 @@ from typing import Any
 
 from clusterctl import asgi, handover, messaging, notify
 from clusterctl.accesslog import AccessLog, LogHandler
-from clusterctl.engine import Limits, Server, WSGIApp
+from clusterctl.engine import Limits, Server, WSGIApp, hide_running_loop
 from clusterctl.errors import ClusterctlError
 from clusterctl.watchdog import Monitor
 from clusterctl.worker import WorkerConfig
@@ -141,6 +141,7 @@ class Runtime:
             self.lifespan = asgi.Lifespan(app, self.server.state, self.loop)  # type: ignore[arg-type]
         else:
             self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
+            hide_running_loop(self.loop)  # WSGI app code sees no running loop, as under a sync server
         if cfg.forwarded_allow_ips or cfg.proxy_protocol:
             from clusterctl.proxy import parse_trusted
 
