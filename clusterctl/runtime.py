@@ -29,7 +29,7 @@ from typing import Any
 
 from clusterctl import asgi, handover, messaging, notify
 from clusterctl.accesslog import AccessLog, LogHandler
-from clusterctl.engine import Limits, Server, WSGIApp, hide_running_loop
+from clusterctl.engine import Server, WSGIApp, hide_running_loop
 from clusterctl.errors import ClusterctlError
 from clusterctl.watchdog import Monitor
 from clusterctl.worker import WorkerConfig
@@ -122,12 +122,7 @@ class Runtime:
         self.app = app
         self.socks = socks
         self.loop = self._new_loop(cfg.loop)
-        limits = Limits(
-            keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
-            body_timeout=cfg.body_timeout, max_request_line=cfg.max_request_line, max_header_field=cfg.max_header_field,
-            max_header_size=cfg.max_header_size, max_headers=cfg.max_headers,
-            max_body_size=cfg.max_body_size, max_connections=cfg.max_connections,
-            min_body_rate=max(1, cfg.min_body_rate), max_buffered=cfg.max_buffered)
+        limits = cfg.limits()
         self.access = (AccessLog(self.loop, cfg, journal=cfg.journal and notify.under_systemd())
                        if cfg.access_log else None)
         self.lifespan: asgi.Lifespan | None = None

@@ -27,6 +27,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from clusterctl.asgi import WS_MAX_SIZE, WS_PING
+from clusterctl.engine import Limits
+
+_LIMITS = Limits()  # the engine's own defaults: one place for every limit the worker takes as an option
+
 #: The systemd instance of this worker (`%i`, e.g. "1"), or "" outside a template unit.
 instance: str = os.environ.get("CLUSTERCTL_INSTANCE", "")
 #: The cluster's name (`--name`), or "".
@@ -95,17 +100,17 @@ class WorkerConfig:
     threads: int = 0
     access_log: bool = True
     journal: bool = True
-    keepalive_timeout: float = 5.0
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_request_line: int = 8190
-    max_header_field: int = 8190
-    max_header_size: int = 32768
-    max_headers: int = 100
-    max_body_size: int = 16 * 1024 * 1024
-    max_connections: int = 2048
-    min_body_rate: int = 500
-    max_buffered: int = 128 * 1024 * 1024
+    keepalive_timeout: float = _LIMITS.keepalive_timeout
+    header_timeout: float = _LIMITS.header_timeout
+    body_timeout: float = _LIMITS.body_timeout
+    max_request_line: int = _LIMITS.max_request_line
+    max_header_field: int = _LIMITS.max_header_field
+    max_header_size: int = _LIMITS.max_header_size
+    max_headers: int = _LIMITS.max_headers
+    max_body_size: int = _LIMITS.max_body_size
+    max_connections: int = _LIMITS.max_connections
+    min_body_rate: int = _LIMITS.min_body_rate
+    max_buffered: int = _LIMITS.max_buffered
     forwarded_allow_ips: str = ""
     proxy_protocol: bool = False
     max_requests: int = 0
@@ -115,10 +120,16 @@ class WorkerConfig:
     backlog: int = 4096
     loop: str = "uvloop"
     interface: str = "auto"
-    ws_max_size: int = 16 * 1024 * 1024
+    ws_max_size: int = WS_MAX_SIZE
     ws_per_message_deflate: bool = True
-    ws_ping_interval: float = 20.0
-    ws_ping_timeout: float = 20.0
+    ws_ping_interval: float = WS_PING
+    ws_ping_timeout: float = WS_PING
+
+    def limits(self) -> Limits:
+        """The engine's Limits from these options (the fields of the same names)."""
+        values = {f: getattr(self, f) for f in Limits.__dataclass_fields__}
+        values["min_body_rate"] = max(1, self.min_body_rate)
+        return Limits(**values)
 
 
 def size_bytes(text: str | int) -> int:
