@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -16,13 +15,8 @@ from click.testing import CliRunner
 
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
+from tests.ports import free_port
 from tests.worker_user import user_args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -20,16 +20,12 @@ from typing import Any
 
 import pytest
 
+from tests.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SSA = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-activate"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SSA), reason="systemd-socket-activate not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Notify:
