@@ -212,3 +212,31 @@ def test_two_apps_from_clusterctl_toml(state: Path, tmp_path: Path, monkeypatch:
     out = cli_ok("down")
     assert all(f"sandbox {n}: down" in out for n in names)
     assert not any(sb.is_running(n) for n in names)
+
+
+def test_stock_django_site_with_its_database_under_up(state: Path) -> None:
+    """`django-admin startproject` + migrate, served by real systemd with the default hardening: generate warns
+    that the workers cannot write db.sqlite3 and names the fix; with it the admin login works end to end."""
+    pytest.importorskip("django")
+    from tests.djangosite import admin_login, make_site
+
+    site = Path(tempfile.mkdtemp(prefix="djsite-", dir=REPO.parent))  # outside /tmp, world-readable path
+    try:
+        site.chmod(0o755)
+        make_site(site)
+        warned = cli_ok("generate", "--app", "mysite.wsgi:application", "--working-dir", str(site),
+                        "--output", str(state / "djunits"), "--no-verify")
+        assert f"{site}/db.sqlite3 is an SQLite database" in warned and f"--rw-path {site}" in warned
+        port = free_port()
+        out = cli_ok("up", "--app", "mysite.wsgi:application", "--name", "djsite", "--working-dir", str(site),
+                     "--listen", "127.0.0.1:8400", "--workers", "1", "--user", "root", "--rw-path", str(site),
+                     "--sandbox", "--sandbox-name", "djbox", "--host-port", str(port))
+        assert "SQLite" not in out  # the fix given: no warning
+        (status, body, _), (status2, body2, location) = admin_login(f"http://127.0.0.1:{port}")
+        assert status == 200 and "Please enter the correct username and password" in body, body[:2000]
+        assert (status2, location) == (302, "/admin/"), body2[:2000]  # a session row written by the worker
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/signup/carol", timeout=10) as r:
+            assert r.read() == b"users 2"
+        cli_ok("down", "djsite")
+    finally:
+        shutil.rmtree(site, ignore_errors=True)

@@ -6,10 +6,8 @@ HTTP clients; gunicorn's sync worker serves all of these, and so must we.
 
 from __future__ import annotations
 
-import http.cookiejar
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.djangosite import admin_login, make_site
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,75 +78,18 @@ def serve() -> Iterator[Callable[..., Served]]:
 
 # -- Django ----------------------------------------------------------------------------------------------------
 
-DJANGO_VIEWS = '''
-from django.contrib.auth.models import User
-from django.http import HttpResponse, StreamingHttpResponse
-
-
-def signup(request, name):
-    User.objects.create_user(name, password="x")  # an ORM write, in the request's own thread
-    return HttpResponse(f"users {User.objects.count()}")
-
-
-def stream(request):
-    def rows():
-        for user in User.objects.order_by("id").iterator():
-            yield f"{user.username}\\n"
-    return StreamingHttpResponse(rows(), content_type="text/plain")
-'''
-
-
 @pytest.fixture(scope="module")
 def django_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`django-admin startproject` as it comes, migrated, with one superuser; two views added to its urls."""
     pytest.importorskip("django")
-    site = tmp_path_factory.mktemp("djangosite")
-    bindir = Path(sys.executable).parent
-    admin = bindir / "django-admin"
-    subprocess.run([str(admin) if admin.exists() else "django-admin", "startproject", "mysite", str(site)], check=True)
-    (site / "mysite" / "views.py").write_text(DJANGO_VIEWS)
-    urls = site / "mysite" / "urls.py"
-    urls.write_text(urls.read_text().replace("from django.urls import path", "from django.urls import path\n"
-                                             "from mysite import views")
-                    .replace("path('admin/', admin.site.urls),", "path('admin/', admin.site.urls),\n"
-                             "    path('signup/<name>', views.signup),\n    path('stream', views.stream),")
-                    .replace('path("admin/", admin.site.urls),', 'path("admin/", admin.site.urls),\n'
-                             '    path("signup/<name>", views.signup),\n    path("stream", views.stream),'))
-    assert "views.signup" in urls.read_text()
-    env = {**os.environ, "DJANGO_SUPERUSER_PASSWORD": "right-password"}
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=site, check=True, env=env)
-    subprocess.run([sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "admin",
-                    "--email", "admin@example.com"], cwd=site, check=True, env=env, capture_output=True)
-    return site
+    return make_site(tmp_path_factory.mktemp("djangosite"))
 
 
 def test_django_admin_login_orm_writes_and_streaming(serve: Callable[..., Served], django_site: Path) -> None:
     s = serve("mysite.wsgi:application", django_site)
-    jar = http.cookiejar.CookieJar()
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: object, **kwargs: object) -> None:
-            return None
-
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), NoRedirect)
-    page = opener.open(s.base + "/admin/login/", timeout=10).read().decode()
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
-    assert token, page[:500]
-
-    def login(password: str) -> tuple[int, str, str]:
-        data = urllib.parse.urlencode({"csrfmiddlewaretoken": token.group(1), "username": "admin",
-                                       "password": password, "next": "/admin/"}).encode()
-        try:
-            r = opener.open(urllib.request.Request(s.base + "/admin/login/?next=/admin/", data=data), timeout=10)
-            return r.status, r.read().decode(), ""
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode(errors="replace"), e.headers.get("Location") or ""
-
-    status, body, _ = login("wrong-password")
+    (status, body, _), (status2, body2, location) = admin_login(s.base)
     assert status == 200, body[:2000]  # was 500 SynchronousOnlyOperation with the loop visible to the app
     assert "Please enter the correct username and password" in body
-    status, body, location = login("right-password")
-    assert (status, location) == (302, "/admin/"), body[:2000]
+    assert (status2, location) == (302, "/admin/"), body2[:2000]
     assert s.get("/signup/alice") == (200, b"users 2")
     assert s.get("/signup/bob") == (200, b"users 3")
     assert s.get("/stream") == (200, b"admin\nalice\nbob\n")
