@@ -274,7 +274,7 @@ class Server:
     def make_room(self, newcomer: HttpProtocol) -> bool:
         """At the connection cap, free a slot for a new client instead of refusing it: first the longest idle
         keep-alive connection, else the connection that has waited longest on its own client (a silent one, a
-        slow head, a trickled body). Connections whose request the app is handling are never taken."""
+        slow head, a trickled body, an ASGI app's streamed body). A request the app is working on is never taken."""
         idle: HttpProtocol | None = None
         slow: HttpProtocol | None = None
         for conn in self.connections:
@@ -1311,9 +1311,7 @@ class WsgiProtocol(HttpProtocol):
         if server.app_owner is not None:  # a streamed response holds the app slot: wait for it (run_waiting)
             server.app_waiting.append((self, req, keep_alive))
             return
-        # App code sees no running loop, as under a sync server (Django's async-unsafe checks, async_to_sync,
-        # asyncio.run); the monitor thread reads app_req to name a request that outlives --timeout.
-        server.app_req = req
+        server.app_req = req  # the monitor thread (watchdog.py) names a request that outlives --timeout
         try:
             try:
                 env = self.build_environ(req)
