@@ -16,10 +16,10 @@ Lifecycle (signals, notify, drain deadline) lives in runtime.py; `Server` here o
 thread, one request at a time, as under a sync server: that is what makes it fast. The runtime hides the
 running loop from everything but coroutines (`hide_running_loop`), so app code sees none and Django's
 ORM, asgiref's async_to_sync, Flask's async views and asyncio.run() inside a view behave as under
-gunicorn's sync worker. A streamed response
-(an iterable of unknown length) is sent one chunk per loop turn, so each chunk is flushed, a client that
-left is noticed and the iterable closed, and no other request's app code runs in between (the app is one
-"slot" per worker: requests that arrive meanwhile wait for it). `Server.app_req` and `Server.beats` let
+gunicorn's sync worker. A streamed response (an iterable of unknown length) is sent one chunk per loop
+turn, so each chunk is flushed, a client that left is noticed and the iterable closed, and no other
+request's app code runs in between (the app is one "slot" per worker: requests that arrive meanwhile
+wait for it). `Server.app_req` and `Server.beats` let
 the runtime's monitor thread tell a long request (--timeout) from a stuck loop (the systemd watchdog).
 `threads > 0` runs requests in a thread pool instead, for apps that block on I/O.
 
@@ -198,7 +198,6 @@ class Server:
         self.rejected = 0
         self.trusted: Any = None  # proxy.Trusted, from behind_proxy()
         self.proxy_protocol = False
-        self.evicted = 0  # slow clients closed to make room at --max-connections
         self.buffered = 0  # request body bytes held by connections still receiving them (Limits.max_buffered)
         self.draining = False
         self.clock = loop.time()
@@ -296,7 +295,6 @@ class Server:
             return True
         if slow is None:
             return False
-        self.evicted += 1
         if slow.got_bytes:
             slow._fail(_Reject(503, "connections ran short: the slowest client makes room"))
             if not slow.closed:
@@ -626,8 +624,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _host_seen(self, host: bytes) -> None:
         """Check a Host value that is not the connection's last valid one (RFC 9110 7.2), else 400."""
-        if host not in _GOOD_HOSTS:
-            _check_host(host)
+        _check_host(host)
         self.good_host = host
 
     def _other_target_form(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -644,8 +641,7 @@ class HttpProtocol(asyncio.Protocol):
         if not sep or scheme.lower() not in (b"http", b"https"):
             raise _Reject(400, "invalid request target")
         authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
-        if authority not in _GOOD_HOSTS:
-            _check_host(authority)
+        _check_host(authority)
         for i, (name, _) in enumerate(headers):
             if _HKIND.get(name) == _H_HOST:
                 headers[i] = (name, authority)
@@ -940,6 +936,9 @@ class HttpProtocol(asyncio.Protocol):
         return b""
 
 
+# A body under this many bytes goes out joined to its head (one write); a bigger one is written after it,
+# uncopied: the transport keeps a reference until it is sent, so slow readers of one big body share it.
+_JOIN_MAX = 65536
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: a placeholder, not a list per connection
 
 # Request headers the HTTP layer itself looks at, by name as sent (a bounded cache: names are few).
@@ -955,7 +954,10 @@ _IP_LITERAL = frozenset(b"0123456789abcdefABCDEF:.vV-_~!$&'()*+,;=")
 
 def _check_host(host: bytes) -> None:
     """Accept `uri-host [":" port]` (a reg-name or IPv4, or an [IP-literal]); anything else is a 400: no
-    userinfo (`user@host`), no path (`host/x`), no second host (`a, b`), not empty."""
+    userinfo (`user@host`), no path (`host/x`), no second host (`a, b`), not empty. Values once found
+    valid are remembered (bounded)."""
+    if host in _GOOD_HOSTS:
+        return
     name, port = host, b""
     if host[:1] == b"[":
         end = host.find(b"]")
@@ -970,11 +972,8 @@ def _check_host(host: bytes) -> None:
             raise _Reject(400, "invalid Host header")
         if host.endswith(b":"):
             raise _Reject(400, "invalid Host header")
-    if len(_GOOD_HOSTS) < _CACHE_MAX_HOSTS:
+    if len(_GOOD_HOSTS) < _CACHE_MAX:
         _GOOD_HOSTS[host] = True
-
-
-_CACHE_MAX_HOSTS = 4096
 
 
 def _header_kind(name: bytes) -> int:
@@ -1358,7 +1357,7 @@ class WsgiProtocol(HttpProtocol):
                         full = h.full_head(server.date_line, key)
                     if full is not None:
                         if not self.closed:
-                            if n < 65536:
+                            if n < _JOIN_MAX:
                                 self.transport.write(full + body)
                             else:  # no copy of a big body: the transport keeps a reference until it is sent
                                 self.transport.write(full)
@@ -1386,7 +1385,7 @@ class WsgiProtocol(HttpProtocol):
             running.pop(ident, None)
 
     def _step(self) -> None:
-        """The next chunk of a streamed response, on a loop turn of its own, the loop hidden from the app."""
+        """The next chunk of a streamed response, on a loop turn of its own (see `_pump`)."""
         if self.resp_iter is None or self.resp_iter is _SENDFILE or self.closed or self.write_paused:
             return
         server = self.server
@@ -1443,7 +1442,7 @@ class WsgiProtocol(HttpProtocol):
                 head = self._head(len(body))
                 if self.framing == _F_NONE:
                     self.send(head)
-                elif len(body) < 65536:
+                elif len(body) < _JOIN_MAX:
                     self.send(head + self._frame(body))
                 else:  # no copy of a big body
                     self.send(head)

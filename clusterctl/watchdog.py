@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from clusterctl import notify
@@ -47,20 +46,17 @@ def describe(req: Any) -> str:
 class Monitor:
     """The thread; `start()` once the worker serves, `stop()` when it exits."""
 
-    def __init__(self, server: Any, *, timeout: float, watchdog: float | None, instance: str = "",
-                 loop_thread: int | None = None, exit: Callable[[int], Any] = os._exit) -> None:
+    def __init__(self, server: Any, *, timeout: float, watchdog: float | None, instance: str = "") -> None:
         self.server = server
         self.timeout = timeout
         self.watchdog = watchdog  # seconds between pings (half of WatchdogSec=), None without a watchdog
         self.instance = instance
-        self.loop_thread = loop_thread if loop_thread is not None else threading.get_ident()
-        self.exit = exit
+        self.loop_thread = threading.get_ident()  # made on the loop's thread
         self.period = min(0.5, watchdog / 2) if watchdog else 0.5
         # A loop that has not ticked for this long is blocked (it ticks every tick_interval when healthy).
         self.stuck_after = 2 * float(getattr(server, "tick_interval", 1.0)) + self.period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clusterctl-monitor", daemon=True)
-        self.timed_out = False
 
     def start(self) -> None:
         self._thread.start()
@@ -111,7 +107,6 @@ class Monitor:
             return []
 
     def _timed_out(self, req: Any, seconds: float, thread: int) -> None:
-        self.timed_out = True
         where = f" on instance {self.instance}" if self.instance else ""
         what = describe(req)
         log.error("request timeout: %s has run %.1f s, over --timeout %g s%s; replacing this worker (pid %d)",
@@ -123,4 +118,4 @@ class Monitor:
             app_frames = frames[ours[-1] + 1:] if ours and ours[-1] + 1 < len(frames) else frames  # the app's own
             log.error("request timeout: %s was here:\n%s", what, "".join(traceback.format_list(app_frames)).rstrip())
         notify.notify(status=f"request timeout: {what} ran {seconds:.1f} s (--timeout {self.timeout:g}); exiting")
-        self.exit(TIMEOUT_EXIT)
+        os._exit(TIMEOUT_EXIT)
