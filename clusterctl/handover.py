@@ -34,6 +34,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from clusterctl.messaging import bind_placed, unlink_placed
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -51,11 +53,6 @@ MAX_FDS = 64
 
 def control_name(instance: str) -> str:
     return f"control-{instance}.sock"
-
-
-def staged_name(final: str) -> str:
-    """Where a new process binds a socket until it is main: a hidden name no broadcast or helper looks at."""
-    return f".{final}.{os.getpid()}"
 
 
 def runtime_directory() -> str:
@@ -95,14 +92,9 @@ class Control:
         self.runtime = runtime
         self.loop: asyncio.AbstractEventLoop = runtime.loop
         self.path = os.path.join(directory, control_name(instance))
-        self.bound = os.path.join(directory, staged_name(control_name(instance))) if staged else self.path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.bound)  # this instance's previous process (RuntimeDirectoryPreserve=yes)
-            self.sock.bind(self.bound)
-            os.chmod(self.bound, 0o600)
-            self.ino = os.stat(self.bound).st_ino
+            self.bound, self.ino = bind_placed(self.sock, self.path, staged)
             self.sock.listen(4)
         except OSError:
             self.sock.close()
@@ -207,11 +199,8 @@ class Control:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        if self.handed_over:  # the successor renames its socket over the path (see messaging.Inbox.close)
-            return
-        with contextlib.suppress(OSError):
-            if os.stat(self.bound).st_ino == self.ino:  # ours, not a successor's
-                os.unlink(self.bound)
+        if not self.handed_over:
+            unlink_placed(self.bound, self.ino)
 
 
 # --- the new process ----------------------------------------------------------------------------------

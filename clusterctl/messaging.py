@@ -55,6 +55,28 @@ def socket_name(instance: str) -> str:
     return f"worker-{instance}.sock"
 
 
+def bind_placed(sock: socket.socket, path: str, staged: bool) -> tuple[str, int]:
+    """Bind a worker's socket (messaging, in-place reload control) at `path`, or, for a process an in-place
+    reload started, at a hidden name beside it that no sender looks at until it is renamed into place. A
+    socket left there by this instance's previous process is removed first (RuntimeDirectoryPreserve=yes).
+    Returns (the bound path, its inode): `unlink_placed` removes only what is still ours."""
+    bound = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}") if staged else path
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(bound)
+    sock.bind(bound)
+    os.chmod(bound, 0o600)
+    return bound, os.stat(bound).st_ino
+
+
+def unlink_placed(bound: str, ino: int) -> None:
+    """Remove a socket `bind_placed` made unless another process's socket took its path meanwhile. A process
+    an in-place reload replaced must not call it at all: its successor renames over the path, and a
+    stat-then-unlink could remove the successor's socket."""
+    with contextlib.suppress(OSError):
+        if os.stat(bound).st_ino == ino:
+            os.unlink(bound)
+
+
 # --- encoding ---------------------------------------------------------------------------------------
 
 def encode(message: Any) -> bytes:
@@ -281,23 +303,16 @@ class Inbox:
         self.api = api
         self.directory = os.fspath(directory)
         self.path = os.path.join(self.directory, socket_name(instance))
-        # In-place reload: a new process binds a hidden name until it takes over (see `publish`).
-        self.bound = os.path.join(self.directory, f".{socket_name(instance)}.{os.getpid()}") if staged else self.path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.bound)  # left by this instance's previous process (RuntimeDirectoryPreserve=yes)
-            self.sock.bind(self.bound)
-            os.chmod(self.bound, 0o600)
-            self.ino = os.stat(self.bound).st_ino
+            # In-place reload: a new process binds a hidden name until it takes over (see `publish`).
+            self.bound, self.ino = bind_placed(self.sock, self.path, staged)
         except OSError:
             self.sock.close()
             raise
         self.loop: Any = None
         self.tasks: set[asyncio.Future[Any]] = set()  # running async handlers (strong references)
-        # Set when an in-place reload replaced this process: the stat-then-unlink in close() could otherwise
-        # remove the socket its successor has just renamed into place (the successor's broadcasts then missed).
-        self.handed_over = False
+        self.handed_over = False  # an in-place reload replaced this process (see unlink_placed)
 
     @classmethod
     def start(cls, loop: Any, instance: str, staged: bool = False) -> Inbox | None:
@@ -384,11 +399,8 @@ class Inbox:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        if self.handed_over:  # the successor renames its socket over the path: never race it with an unlink
-            return
-        with contextlib.suppress(OSError):
-            if os.stat(self.bound).st_ino == self.ino:  # ours, not a successor's
-                os.unlink(self.bound)
+        if not self.handed_over:
+            unlink_placed(self.bound, self.ino)
 
 
 def runtime_dir(name: str, *, user: bool = False) -> str:
