@@ -428,11 +428,6 @@ def under(path: str, dirs: tuple[str, ...]) -> str | None:
     return None
 
 
-def is_under(path: str, dirs: tuple[str, ...] | list[str]) -> bool:
-    """Whether `path` is one of `dirs` or lies inside one."""
-    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
-
-
 def sqlite_databases(directory: str) -> list[str]:
     """SQLite database files directly in `directory` (by their header, whatever their name): the workers'
     read-only file system lets an app open them but not write them (Django's db.sqlite3: login, sessions)."""
@@ -682,7 +677,7 @@ def build_plan(
                 "user (the default without --user) will fail to start: install the app under a world-readable path "
                 "(e.g. /opt or /srv), or pass --user with an account that can read it (--user root gives up that "
                 "isolation)")
-    if harden and not is_under(wd, rw):
+    if harden and under(wd, rw) is None:
         for db in sqlite_databases(wd):
             who = "--user OWNER (an account that may write it) and " if user is None else ""
             warnings.append(f"{db} is an SQLite database, which the workers may read but not write (ProtectSystem=strict"

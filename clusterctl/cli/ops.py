@@ -22,7 +22,7 @@ from clusterctl.cli import cli
 from clusterctl.cli.generate import plan_options, plans_from_options
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import Plan, is_under, tmp_binds
+from clusterctl.plan import Plan, tmp_binds, under
 from clusterctl.systemd import Systemd
 
 
@@ -124,7 +124,7 @@ def _up_one(plan: Plan, use_sandbox: bool | None, sandbox_name: str | None, host
     booted = bool(record and record.booted_sandbox and record.sandbox == box)
     if sandboxed and not running:
         # The app's directory and a /tmp python as they are on the host (read-only), each --rw-path writable.
-        needed = [*([] if is_under(plan.working_dir, plan.rw_paths) else [plan.working_dir]),
+        needed = [*([] if under(plan.working_dir, plan.rw_paths) else [plan.working_dir]),
                   *tmp_binds([plan.python, os.path.realpath(plan.python)])]
         seconds = sb.up(box, [(p, p, True) for p in dict.fromkeys(needed)] + [(p, p, False) for p in plan.rw_paths])
         booted = True
