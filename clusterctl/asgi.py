@@ -481,6 +481,9 @@ class AsgiProtocol(HttpProtocol):
         finally:
             self.server.tasks.discard(ex.task)  # type: ignore[attr-defined]
         if self.ex is ex:
+            if ex.ended:  # the client left (http.disconnect, _client_left): an app that stops then does right
+                self._end(False)
+                return
             if self.start is None:
                 log.error("ASGI app returned without sending a response to %s", self.req_line or "a request")
             else:

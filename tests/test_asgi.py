@@ -175,6 +175,28 @@ def test_disconnect_reaches_the_app(asgi_engine: AsgiEngine) -> None:
     assert disconnects == ["http.disconnect"]
 
 
+def test_an_app_that_stops_when_its_client_left_is_not_an_error(asgi_engine: AsgiEngine,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A streaming app (SSE, Starlette's StreamingResponse) that returns on http.disconnect without finishing
+    its response did what it should: no ERROR line, no error counted."""
+    disconnects.clear()
+    errors = asgi_engine.server.errors
+    s = asgi_engine.connect()
+    s.sendall(b"GET /wait-disconnect HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.close()
+    deadline = time.monotonic() + 3
+    while not disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # the app's task returns after its receive()
+    assert disconnects == ["http.disconnect"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert asgi_engine.server.errors == errors
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    (res,), _ = ask(asgi_engine, b"GET /alive HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert res[0] == 200
+
+
 @pytest.mark.parametrize(("raw", "status"), [
     (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 20000\r\n\r\n", 413),
     (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414),
