@@ -96,9 +96,9 @@ def make(access_log: bool, asgi: bool = False) -> tuple[Any, Any, FakeTransport,
 
     if asgi:
         from bench.apps.asgi_hello import app
-        from clusterctl.asgi import AsgiServer as Server
+        from clusterctl.http.asgi import AsgiServer as Server
     else:
-        from clusterctl.engine import Server
+        from clusterctl.http.wsgi import WsgiServer as Server
         from examples.hello import app
 
     loop = uvloop.new_event_loop()

@@ -69,8 +69,8 @@ def memory(pid: int) -> dict[str, float]:
 
 
 def bytecode_cached(python: str) -> bool:
-    """Whether clusterctl.engine would load from a .pyc (what a read-only unit needs)."""
-    code = "import importlib.util as u, os; s = u.find_spec('clusterctl.engine'); print(os.path.exists(s.cached))"
+    """Whether clusterctl.http.wsgi would load from a .pyc (what a read-only unit needs)."""
+    code = "import importlib.util as u, os; s = u.find_spec('clusterctl.http.wsgi'); print(os.path.exists(s.cached))"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=REPO)
     return out.stdout.strip() == "True"
 

@@ -167,7 +167,7 @@ class AccessLog:
 
     def __call__(self, proto: Any, status: int, nbytes: int) -> None:
         ms = (time.perf_counter() - proto.t0) * 1000.0
-        line = f'{proto.base_env["REMOTE_ADDR"] or "-"} "{proto.req_line}" {status} {nbytes} {ms:.1f}ms'
+        line = f'{proto.client_addr() or "-"} "{proto.req_line}" {status} {nbytes} {ms:.1f}ms'
         if self.journal is not None:
             method, _, rest = proto.req_line.partition(" ")
             entry = (journal_field("MESSAGE", line) + b"PRIORITY=6\n" + journal_field("METHOD", method)

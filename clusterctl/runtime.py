@@ -27,10 +27,12 @@ import sys
 import traceback
 from typing import Any
 
-from clusterctl import asgi, handover, messaging, notify
+from clusterctl import handover, messaging, notify
 from clusterctl.accesslog import AccessLog, LogHandler
-from clusterctl.engine import Server, WSGIApp, hide_running_loop
 from clusterctl.errors import ClusterctlError
+from clusterctl.http import asgi
+from clusterctl.http.loop import hide_running_loop
+from clusterctl.http.wsgi import WSGIApp, WsgiServer
 from clusterctl.watchdog import Monitor
 from clusterctl.worker import WorkerConfig
 
@@ -135,10 +137,10 @@ class Runtime:
             self.server.ws_keepalive(cfg.ws_ping_interval, cfg.ws_ping_timeout)
             self.lifespan = asgi.Lifespan(app, self.server.state, self.loop)  # type: ignore[arg-type]
         else:
-            self.server = Server(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
+            self.server = WsgiServer(app, self.loop, limits, threads=cfg.threads, access_log=self.access)
             hide_running_loop(self.loop)  # WSGI app code sees no running loop, as under a sync server
         if cfg.forwarded_allow_ips or cfg.proxy_protocol:
-            from clusterctl.proxy import parse_trusted
+            from clusterctl.http.proxy import parse_trusted
 
             self.server.behind_proxy(parse_trusted(cfg.forwarded_allow_ips), cfg.proxy_protocol)
         if cfg.max_requests > 0:

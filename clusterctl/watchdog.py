@@ -36,9 +36,9 @@ TIMEOUT_EXIT = 1  # Restart=on-failure brings a fresh worker; the journal line s
 
 
 def describe(req: Any) -> str:
-    """`METHOD target` of an engine request tuple, for the journal."""
+    """`METHOD target` of an http.request.Request, for the journal."""
     try:
-        return f"{req[0].decode('latin-1')} {req[1].decode('latin-1')}"
+        return f"{req.method.decode('latin-1')} {req.target.decode('latin-1')}"
     except Exception:
         return "a request"
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from clusterctl.asgi import WS_MAX_SIZE, WS_PING
-from clusterctl.engine import Limits
+from clusterctl.http.asgi import WS_MAX_SIZE, WS_PING
+from clusterctl.http.server import Limits
 
 _LIMITS = Limits()  # the engine's own defaults: one place for every limit the worker takes as an option
 
@@ -238,7 +238,7 @@ def timeout_problem(timeout: float) -> tuple[str, str] | None:
 def forwarded_problem(spec: str) -> tuple[str, str] | None:
     if not spec:
         return None
-    from clusterctl.proxy import parse_trusted  # only when set: ipaddress stays out of a plain worker
+    from clusterctl.http.proxy import parse_trusted  # only when set: ipaddress stays out of a plain worker
 
     try:
         parse_trusted(spec)

@@ -25,7 +25,7 @@ CFG = SimpleNamespace(instance="3", name="web")
 
 
 def proto(path: str = "/x") -> SimpleNamespace:
-    return SimpleNamespace(t0=time.perf_counter(), base_env={"REMOTE_ADDR": "127.0.0.1"},
+    return SimpleNamespace(t0=time.perf_counter(), client_addr=lambda: "127.0.0.1",
                            req_line=f"GET {path} HTTP/1.1")
 
 

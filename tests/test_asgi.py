@@ -17,10 +17,10 @@ import pytest
 from test_engine import SMALL, Reader
 from test_runtime import SSA, Worker, assert_fails_before_ready, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 
-from clusterctl.asgi import AsgiServer, detect
-from clusterctl.engine import Limits
 from clusterctl.errors import ClusterctlError
 from clusterctl.generate import worker_argv
+from clusterctl.http.asgi import AsgiServer, detect
+from clusterctl.http.server import Limits
 from clusterctl.plan import build_plan
 from tests.engine_thread import EngineThread
 

@@ -17,7 +17,8 @@ from wsgiref.validate import validator
 
 import pytest
 
-from clusterctl.engine import Limits, Server
+from clusterctl.http.server import Limits
+from clusterctl.http.wsgi import WsgiServer
 from tests.engine_thread import EngineThread
 
 pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
@@ -41,7 +42,7 @@ class Engine(EngineThread):
         self.app = validator(recording) if validate else recording
         self.limits = limits
         self.threads = threads
-        super().__init__(lambda loop: Server(self.app, loop, limits, threads=threads))
+        super().__init__(lambda loop: WsgiServer(self.app, loop, limits, threads=threads))
 
 
     def connect(self) -> socket.socket:
@@ -656,7 +657,7 @@ def test_closed_connections_are_freed_by_reference_counting(engine: Callable[...
     freed when uvloop lets go of it, not by the cyclic collector later."""
     import gc
 
-    from clusterctl.engine import WsgiProtocol
+    from clusterctl.http.wsgi import WsgiProtocol
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -713,7 +714,7 @@ def test_requests_split_at_every_byte_parse_the_same() -> None:
            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
     loop = uvloop.new_event_loop()
     try:
-        server = Server(echo_app, loop, Limits())
+        server = WsgiServer(echo_app, loop, Limits())
 
         def answers(reads: list[bytes]) -> list[bytes]:
             proto = server.protocol()

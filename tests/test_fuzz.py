@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clusterctl.engine import Limits, Server
+from clusterctl.http.server import Limits, Server
+from clusterctl.http.wsgi import WsgiServer
 from tests.engine_thread import EngineThread
 
 LIMITS = Limits(keepalive_timeout=1.0, header_timeout=1.0, body_timeout=1.0, max_request_line=512,
@@ -52,7 +53,7 @@ class Engine(EngineThread):
 
         def make(loop: asyncio.AbstractEventLoop) -> Server:
             loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(repr(ctx)))
-            return Server(app, loop, LIMITS)
+            return WsgiServer(app, loop, LIMITS)
 
         super().__init__(make, backlog=256)
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from clusterctl.asgi import AsgiServer
-from clusterctl.engine import Server
-from clusterctl.proxy import ProxyHeaderError, forwarded_client, parse_proxy_header, parse_trusted
+from clusterctl.http.asgi import AsgiServer
+from clusterctl.http.proxy import ProxyHeaderError, forwarded_client, parse_proxy_header, parse_trusted
+from clusterctl.http.server import Server
+from clusterctl.http.wsgi import WsgiServer
 from tests.engine_thread import EngineThread
 
 # -- parsing ------------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def serve() -> Iterator[Callable[..., EngineThread]]:
 
     def start(asgi: bool, trusted: str, proxy_protocol: bool = False) -> EngineThread:
         def make(loop: asyncio.AbstractEventLoop) -> Server:
-            server = AsgiServer(asgi_app, loop) if asgi else Server(wsgi_app, loop)
+            server = AsgiServer(asgi_app, loop) if asgi else WsgiServer(wsgi_app, loop)
             server.behind_proxy(parse_trusted(trusted), proxy_protocol)
             return server
 

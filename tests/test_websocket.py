@@ -26,9 +26,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
 
-from clusterctl import websocket
-from clusterctl.asgi import WS_MAX_SIZE, AsgiServer
-from clusterctl.engine import Limits
+from clusterctl.http import websocket
+from clusterctl.http.asgi import WS_MAX_SIZE, AsgiServer
+from clusterctl.http.server import Limits
 from tests.engine_thread import EngineThread
 
 REPO = Path(__file__).resolve().parent.parent
@@ -463,13 +463,13 @@ def test_status_column_only_where_workers_report_websockets() -> None:
 def test_other_upgrades_get_plain_http_and_close(engine: WsEngine) -> None:
     """WSGI apps, and other upgrades (h2c) on ASGI: the request is answered as HTTP/1.1 and the connection
     closes; bytes after the head are never parsed as another request."""
-    from clusterctl.engine import Server
+    from clusterctl.http.wsgi import WsgiServer
 
     def wsgi(environ: Any, start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"wsgi here"]
 
-    w = EngineThread(lambda loop: Server(wsgi, loop))
+    w = EngineThread(lambda loop: WsgiServer(wsgi, loop))
     try:
         for port, upgrade, body in ((w.port, b"websocket", b"wsgi here"), (engine.port, b"h2c", b"plain http")):
             with socket.create_connection(("127.0.0.1", port), timeout=3) as s:

@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from clusterctl.engine import HttpProtocol, Request, log
+from clusterctl.http.protocol import HttpProtocol, log
+from clusterctl.http.request import Request
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -228,7 +229,7 @@ class _Proxied(HttpProtocol):
     def handle(self, req: Request, keep_alive: bool) -> None:
         trusted = self.server.trusted
         if trusted is not None and trusted.trusts(self.peer_ip):  # type: ignore[attr-defined]
-            self.use_view(self.conn_view, *forwarded_client(req[2], trusted))  # type: ignore[attr-defined]
+            self.use_view(self.conn_view, *forwarded_client(req.headers, trusted))  # type: ignore[attr-defined]
         super().handle(req, keep_alive)
 
 

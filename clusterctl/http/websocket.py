@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -43,11 +43,9 @@ from wsproto.events import Request as WsRequest
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
-from clusterctl.asgi import settle
-from clusterctl.engine import _TARGETS, Request, _canned, _target
-
-if TYPE_CHECKING:
-    from clusterctl.asgi import AsgiProtocol
+from clusterctl.http.loop import settle
+from clusterctl.http.protocol import error_response
+from clusterctl.http.request import TARGETS, Request, split_target
 
 log = logging.getLogger("clusterctl.websocket")
 
@@ -67,9 +65,9 @@ class ClientDisconnected(OSError):
 
 def is_websocket(req: Request) -> bool:
     """A GET asking to upgrade to websocket (llhttp has already seen `Connection: upgrade`)."""
-    if req[0] != b"GET":
+    if req.method != b"GET":
         return False
-    return any(n.lower() == b"upgrade" and b"websocket" in v.lower() for n, v in req[2])
+    return any(n.lower() == b"upgrade" and b"websocket" in v.lower() for n, v in req.headers)
 
 
 class WebSocket:
@@ -79,7 +77,7 @@ class WebSocket:
                  "max_size", "part_len", "parts", "paused", "ping_due", "pong_by", "proto", "req", "rx", "server",
                  "slice", "started", "state", "timer", "told", "waiter")
 
-    def __init__(self, proto: AsgiProtocol, req: Request) -> None:
+    def __init__(self, proto: Any, req: Request) -> None:  # proto: asgi.AsgiProtocol (no import cycle)
         self.proto = proto
         self.req = req
         self.server: Any = proto.server
@@ -121,7 +119,8 @@ class WebSocket:
         """The upgrade request's turn: the handshake through wsproto, then the app with a `websocket` scope."""
         self.started = True
         proto = self.proto
-        method, target, headers, _body, _keep, version, _cl = self.req
+        req = self.req
+        method, target, headers, version = req.method, req.target, req.headers, req.version
         if self.server.access_log is not None:
             proto.t0 = time.perf_counter()
             proto.req_line = f"GET {target.decode('latin-1')} HTTP/{version}"
@@ -141,7 +140,7 @@ class WebSocket:
             self.server.errors += 1
             self._reject(400)
             return
-        t = _TARGETS.get(target) or _target(target)
+        t = TARGETS.get(target) or split_target(target)
         scope = proto.base_scope.copy()
         scope.update(type="websocket", scheme="ws", http_version=version,
                      path=t[0].encode("latin-1").decode("utf-8", "replace"), raw_path=target.partition(b"?")[0],
@@ -281,7 +280,7 @@ class WebSocket:
         """An HTTP answer instead of the upgrade (403: the app closed before accepting), then close."""
         self.state = CLOSED
         proto = self.proto
-        self._write(_canned(status))
+        self._write(error_response(status))
         proto.code = status
         if self.server.access_log is not None:
             self.server.access_log(proto, status, 0)

@@ -1,8 +1,10 @@
-"""ASGI 3 on the same HTTP layer as WSGI: `AsgiProtocol(HttpProtocol)`, lifespan, interface detection.
+"""ASGI 3 as a thin adapter over the same HTTP layer as WSGI: `AsgiProtocol(ResponseWriter)`, lifespan,
+interface detection.
 
 Everything on the wire (parsing, limits, 400/413/414/431, timeouts, smuggling checks, pipelining,
-Expect: 100-continue, read backpressure) is `HttpProtocol`'s, unchanged: this module only turns one
-parsed request into a `scope` + `receive`/`send` pair and frames what the app sends. One response at a
+Expect: 100-continue, read backpressure) is `protocol.HttpProtocol`'s and the framing is
+`response.ResponseWriter`'s, unchanged: this module only turns one parsed request into a `scope` +
+`receive`/`send` pair and hands what the app sends to the writer. One response at a
 time per connection, in request order (the HTTP layer starts the next request on `finish()`).
 
 Bodies are streamed (`stream_bodies`): a request whose body starts on an idle connection reaches the app
@@ -21,27 +23,18 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from clusterctl.engine import (
-    _CACHE_MAX,
-    _F_CHUNKED,
-    _F_LENGTH,
-    _F_NONE,
-    _METHODS,
-    _REASONS,
-    _TARGETS,
-    _TOKEN,
-    HttpProtocol,
-    Limits,
-    Request,
-    Server,
-    _canned,
-    _Head,
-    _method,
-    _target,
-)
 from clusterctl.errors import ClusterctlError
+from clusterctl.http.loop import settle
+from clusterctl.http.request import CACHE_MAX, METHODS, TARGETS, Request, method_name, split_target
+from clusterctl.http.response import F_CHUNKED, F_NONE, REASONS, TOKEN, Head, ResponseWriter
+from clusterctl.http.server import Limits, Server
 
 log = logging.getLogger("clusterctl.asgi")
+
+# The hot path calls methods through module-level names bound here: CPython 3.11 compiles `name.method()` to a
+# generic, unspecializable attribute lookup when `name` was imported, and to LOAD_METHOD (or one global) when not.
+_methods = METHODS.get
+_writer_init = ResponseWriter.__init__
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -118,6 +111,9 @@ def _asgi2(factory: Callable[[Scope], Any]) -> ASGIApp:
 class AsgiServer(Server):
     """A `Server` whose connections speak ASGI; `state` is the lifespan state copied into each scope."""
 
+    __slots__ = ("http_tick", "state", "tasks", "websockets", "ws_deflate", "ws_max_size", "ws_ping_interval",
+                 "ws_ping_timeout")
+
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.state: dict[str, Any] = {}
@@ -129,8 +125,6 @@ class AsgiServer(Server):
         self.ws_ping_timeout = 0.0
         self.http_tick = self.tick_interval  # the sweep interval the HTTP timeouts need
         self.ws_keepalive(WS_PING, WS_PING)
-
-    protocol_class: type[HttpProtocol]  # AsgiProtocol, set below it
 
     def ws_keepalive(self, interval: float, timeout: float) -> None:
         """--ws-ping-interval/--ws-ping-timeout (0: no pings). The engine's sweep sends the pings and closes the
@@ -145,12 +139,6 @@ BODY_HIGH_WATER = 65536
 WS_MAX_SIZE = 16 * 1024 * 1024  # --ws-max-size default, as uvicorn's
 WS_PING = 20.0                  # --ws-ping-interval and --ws-ping-timeout defaults, as uvicorn's
 _MORE, _COMPLETE, _GIVEN, _BROKEN = 0, 1, 2, 3  # _Body.state
-
-
-def settle(fut: asyncio.Future[None] | None) -> None:
-    """Wake a coroutine parked on `fut` (the caller has already forgotten it); a cancelled one stays as it is."""
-    if fut is not None and not fut.done():
-        fut.set_result(None)
 
 
 class _Body:
@@ -199,18 +187,18 @@ class _Exchange:
             await fut
 
 
-def _asgi_head(status: Any, headers: Any) -> _Head:
+def _asgi_head(status: Any, headers: Any) -> Head:
     """Validate and compile an http.response.start's status and headers (byte pairs) into a reusable head."""
     if type(status) is not int or not 100 <= status <= 999:
         raise ValueError(f"invalid ASGI status {status!r}")
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "").encode())]
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "").encode())]
     app_cl: int | None = None
     close = has_date = False
     kept = []
     for name, value in headers:
         kept.append((name, value))
         name, value = bytes(name), bytes(value)
-        if not name or any(c not in _TOKEN for c in name):
+        if not name or any(c not in TOKEN for c in name):
             raise ValueError(f"invalid response header name {name!r}")
         if 0x0A in value or 0x0D in value or 0 in value:
             raise ValueError(f"response header {name!r} contains a line break")
@@ -225,14 +213,14 @@ def _asgi_head(status: Any, headers: Any) -> _Head:
         elif low == b"date":
             has_date = True
         out += (name, b": ", value, b"\r\n")
-    return _Head(status, b"".join(out), app_cl, close, has_date, kept if type(headers) is list else headers)
+    return Head(status, b"".join(out), app_cl, close, has_date, kept if type(headers) is list else headers)
 
 
 def _scope_target(target: bytes) -> tuple[str, bytes, bytes]:
     """(path, raw_path, query_string) of a request target, cached like the WSGI adapter's."""
-    t = _TARGETS.get(target) or _target(target)
+    t = TARGETS.get(target) or split_target(target)
     st = (t[0].encode("latin-1").decode("utf-8", "replace"), target.partition(b"?")[0], t[1].encode("latin-1"))
-    if len(_SCOPE_TARGETS) >= _CACHE_MAX:
+    if len(_SCOPE_TARGETS) >= CACHE_MAX:
         _SCOPE_TARGETS.clear()
     _SCOPE_TARGETS[target] = st
     return st
@@ -241,33 +229,23 @@ def _scope_target(target: bytes) -> tuple[str, bytes, bytes]:
 _SCOPE_TARGETS: dict[bytes, tuple[str, bytes, bytes]] = {}
 
 
-class AsgiProtocol(HttpProtocol):
-    """ASGI 3 HTTP on top of HttpProtocol: one app task per request, responses in request order."""
+class AsgiProtocol(ResponseWriter):
+    """ASGI 3 HTTP on the HTTP layer: one app task per request, responses in request order."""
 
-    __slots__ = ("app", "base_env", "base_scope", "code", "drained", "ex", "framing", "head_sent", "inbox",
-                 "is_head", "keep", "remaining", "req_line", "resp_bytes", "rversion", "start", "t0", "ws")
+    __slots__ = ("app", "base_scope", "client", "drained", "ex", "inbox", "start", "ws")
 
+    server: AsgiServer
     stream_bodies = True
 
-    def __init__(self, server: Server) -> None:
-        super().__init__(server)
-        self.app: ASGIApp = server.app  # type: ignore[assignment]
+    def __init__(self, server: AsgiServer) -> None:
+        _writer_init(self, server)  # not super(): no super object per connection (close mode)
+        self.app: ASGIApp = server.app
         self.base_scope: dict[str, Any] = {}
-        self.base_env: dict[str, Any] = {"REMOTE_ADDR": ""}  # the access log's view of the client
+        self.client = ""                             # the client's address as this request sees it (access log)
         self.ex: _Exchange | None = None             # the request being answered
         self.drained: asyncio.Future[None] | None = None
         self.start: Message | None = None
         self.inbox: _Body | None = None              # the current request's streamed body, if it has one
-        self.head_sent = False
-        self.framing = _F_NONE
-        self.remaining = -1
-        self.resp_bytes = 0
-        self.keep = True
-        self.is_head = False
-        self.rversion = "1.1"
-        self.code = 0
-        self.t0 = 0.0
-        self.req_line = ""
         self.ws: Any = None  # websocket.WebSocket after an upgrade: every later byte is its
 
     def setup(self, transport: Any) -> None:
@@ -278,24 +256,27 @@ class AsgiProtocol(HttpProtocol):
         client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
         self.base_scope = {"type": "http", "asgi": ASGI_VERSION, "scheme": "http", "root_path": "",
                            "server": server, "client": client}
-        self.base_env = {"REMOTE_ADDR": client[0] if client else ""}
+        self.client = client[0] if client else ""
 
     def saved_view(self) -> Any:
-        return self.base_scope, self.base_env
+        return self.base_scope, self.client
+
+    def client_addr(self) -> str:
+        return self.client
 
     def use_view(self, view: Any, client: str | None, scheme: str | None) -> None:
         """This request's client and scheme as a trusted proxy tells them (proxy.py); else the connection's."""
-        scope, env = view
+        scope, addr = view
         if client is None and scheme is None:
-            self.base_scope, self.base_env = scope, env
+            self.base_scope, self.client = scope, addr
             return
         scope = scope.copy()
         if client is not None:
             scope["client"] = (client, 0)
-            env = {"REMOTE_ADDR": client}
+            addr = client
         if scheme is not None:
             scope["scheme"] = scheme
-        self.base_scope, self.base_env = scope, env
+        self.base_scope, self.client = scope, addr
 
     # -- websocket upgrade (clusterctl/websocket.py) ---------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -305,7 +286,7 @@ class AsgiProtocol(HttpProtocol):
         super().data_received(data)
 
     def on_upgrade(self, rest: bytes) -> None:
-        from clusterctl.websocket import WebSocket, is_websocket  # here: wsproto is resident only once used
+        from clusterctl.http.websocket import WebSocket, is_websocket  # here: wsproto is resident only once used
 
         if not (self.queue and is_websocket(self.queue[-1])):
             super().on_upgrade(rest)  # other upgrades (h2c ...): a plain HTTP answer
@@ -330,15 +311,18 @@ class AsgiProtocol(HttpProtocol):
         if self.ws is not None and req is self.ws.req:
             self.ws.start()
             return
-        method, target, headers, body, _keep, version, _cl = req
+        method = req.method
+        target = req.target
+        version = req.version
+        body = req.body
         t = _SCOPE_TARGETS.get(target) or _scope_target(target)
-        m = _METHODS.get(method) or _method(method)  # the cache the WSGI adapter fills too
+        m = _methods(method) or method_name(method)  # the cache the WSGI adapter fills too
         scope = self.base_scope.copy()
         scope["http_version"] = version
         scope["method"] = m
         scope["path"], scope["raw_path"], scope["query_string"] = t
-        scope["headers"] = [(n.lower(), v) for n, v in headers]
-        scope["state"] = self.server.state.copy()  # type: ignore[attr-defined]
+        scope["headers"] = [(n.lower(), v) for n, v in req.headers]
+        scope["state"] = self.server.state.copy()
         self.start = None
         self.head_sent = False
         self.resp_bytes = 0
@@ -401,7 +385,7 @@ class AsgiProtocol(HttpProtocol):
 
         task = self.loop.create_task(self._run(scope, receive, send, ex))
         ex.task = task
-        self.server.tasks.add(task)  # type: ignore[attr-defined]  # a strong reference while it runs
+        self.server.tasks.add(task)  # a strong reference while it runs
 
     def _streamed_receive(self, ex: _Exchange, inbox: _Body) -> Callable[[], Awaitable[Message]]:
         loop = self.loop
@@ -479,7 +463,7 @@ class AsgiProtocol(HttpProtocol):
                 self.server.errors += 1
             return
         finally:
-            self.server.tasks.discard(ex.task)  # type: ignore[attr-defined]
+            self.server.tasks.discard(ex.task)
         if self.ex is ex:
             if ex.ended:  # the client left (http.disconnect, _client_left): an app that stops then does right
                 self._end(False)
@@ -507,48 +491,31 @@ class AsgiProtocol(HttpProtocol):
         out = []
         if not self.head_sent:
             out.append(self._head(len(body) if not more else None))
-        if body and self.framing != _F_NONE:
-            out.append(self._frame(body))
-        if not more and self.framing == _F_CHUNKED:
+        if body and self.framing != F_NONE:
+            out.append(self.frame(body))
+        if not more and self.framing == F_CHUNKED:
             out.append(b"0\r\n\r\n")
-        if out and not self.closed:
-            self.transport.write(b"".join(out))
+        if out:
+            self.send(b"".join(out))
         if not more:
-            keep = self.keep and not (self.framing == _F_LENGTH and self.remaining > 0)
-            self._end(keep)
+            self._end(self.keep and self.complete())
             return
         if self.write_paused and not self.closed:
             self.drained = fut = self.loop.create_future()
             await fut
 
-    def _compiled_head(self, status: Any, headers: Any) -> _Head:
-        """The compiled head of (status, headers): the last one per status first (mostly the same list, by
-        identity or a short compare), then the others by value (apps alternate a few), each compiled once."""
-        server = self.server
-        h = server.heads.get(status)
+    def _compiled_head(self, status: Any, headers: Any) -> Head:
+        """The last head compiled for this status when the app sent the same headers (mostly the same list:
+        identity or a short compare), else the writer's cache (`lookup_head`)."""
+        h = self.server.heads.get(status)
         if h is not None and type(status) is int and (h.headers is headers or h.headers == headers):
             return h
-        try:
-            key: Any = (status, tuple(headers))
-            h = server.head_cache.get(key)
-        except TypeError:  # unhashable parts (lists, bytearrays): compiled every time, still correct
-            key, h = None, None
-        if h is None:
-            h = _asgi_head(status, headers)
-            if key is not None:
-                if len(server.head_cache) > 512:
-                    server.head_cache.clear()
-                    server.heads.clear()
-                server.head_cache[key] = h
-        server.heads[status] = h
-        return h
+        return self.lookup_head(status, headers, _asgi_head)
 
     def _head(self, body_len: int | None) -> bytes:
         start = self.start
         assert start is not None
-        h = self._compiled_head(start["status"], start.get("headers", ()))
-        keep = self.keep and not h.app_close and not (self.server.draining and not self.queue)
-        return self._framed_head(h.prefix, h.has_date, h.code, h.app_cl, body_len, keep)
+        return self.framed_head(self._compiled_head(start["status"], start.get("headers", ())), body_len)
 
     # -- completion -----------------------------------------------------------------------------------------
     def _end(self, keep: bool) -> None:
@@ -563,24 +530,17 @@ class AsgiProtocol(HttpProtocol):
             self.inbox = None
         if self.server.access_log is not None:
             self.server.access_log(self, self.code, self.resp_bytes)
-        self.framing = _F_NONE
+        self.framing = F_NONE
         self.remaining = -1
         self.finish(keep)
 
     def _app_error(self, logged: bool = False) -> None:
         if not logged:
             log.exception("error in ASGI app handling %s", self.req_line or "a request")
-        self.server.errors += 1
-        if self.ex is None:
-            return  # the response had already ended
-        if not self.head_sent:
-            if not self.closed:
-                self.transport.write(_canned(500, close=not self.keep))
-            self.code = 500
-            self.resp_bytes = 0
-            self._end(self.keep)
-        else:
-            self._end(False)  # half a response is on the wire: only closing tells the client
+        if self.ex is None:  # the response had already ended
+            self.server.errors += 1
+            return
+        self._end(self.error_head())
 
     def _wake(self) -> None:
         fut, self.drained = self.drained, None

@@ -1,0 +1,8 @@
+"""The HTTP engine a worker serves with: one wire protocol, one response writer, two thin app adapters.
+
+A request's path through the files: `protocol.HttpProtocol` (bytes -> `request.Request`, limits,
+timeouts, pipelining) -> an adapter, `wsgi.WsgiProtocol` or `asgi.AsgiProtocol` (+ `websocket` after an
+upgrade), which calls the app -> `response.ResponseWriter` (compiled heads, framing, keep-alive) -> the
+transport. `server.Server` holds what all connections of a worker share; `proxy` wraps an adapter when
+the worker sits behind a trusted proxy; `loop` hides the running loop from WSGI app code.
+"""
