@@ -104,8 +104,8 @@ def make(access_log: bool, asgi: bool = False) -> tuple[Any, Any, FakeTransport,
     loop = uvloop.new_event_loop()
     access = None
     if access_log:
-        from clusterctl.runtime import AccessLog
-        from clusterctl.worker import WorkerConfig
+        from clusterctl.worker.accesslog import AccessLog
+        from clusterctl.worker.options import WorkerConfig
 
         access = AccessLog(loop, WorkerConfig(app="examples.hello:app"), journal=False)
     server = Server(app, loop, access_log=access)

@@ -21,7 +21,7 @@ from typing import Literal
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.proc import run
-from clusterctl.worker import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
+from clusterctl.worker.options import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
 
 Balance = Literal["shared", "reuseport"]
 ProtectHome = Literal["no", "read-only", "tmpfs", "yes"]

@@ -87,7 +87,7 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iter
 
 def launch(argv: Sequence[str], *, env: Mapping[str, str], pass_fds: Sequence[int] = (), timeout: float = 30.0) -> int:
     """Run a launcher that forks its real work off and exits at once (the in-place reload's new worker,
-    see clusterctl.handover); returns its exit code. stdout/stderr are inherited: under systemd, the journal."""
+    see clusterctl.worker.handover); returns its exit code. stdout/stderr are inherited: under systemd, the journal."""
     if isinstance(argv, str):
         raise TypeError("launch() takes an argument list, not a shell string")
     args = [str(a) for a in argv]

@@ -28,7 +28,7 @@ from clusterctl.systemd import Systemd
 # running process. Any other change needs a restart.
 RELOADABLE = {"ExecStart", "ExecReload", "Environment", "EnvironmentFile", "UnsetEnvironment", "TimeoutStartSec",
               "Description", "WorkingDirectory"}
-HELPER = "clusterctl.reload"
+HELPER = "clusterctl.worker.reload"
 
 
 def restart_settings(unit_text: str) -> dict[str, list[str]]:
@@ -133,7 +133,7 @@ def _helper_lines(sd: Systemd, units: list[str], since: str) -> list[str]:
 
 def reload_counts(sd: Systemd, run_dir: str) -> dict[str, dict[str, float]]:
     """{instance: {"count": N, "last": epoch seconds}} from the helpers' reloads.json ({} when none yet)."""
-    from clusterctl.reload import COUNTS
+    from clusterctl.worker.reload import COUNTS
 
     try:
         value = json.loads(sd.path(run_dir).joinpath(COUNTS).read_text())

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from clusterctl.accesslog import AccessLog, journal_field
+from clusterctl.worker.accesslog import AccessLog, journal_field
 
 CFG = SimpleNamespace(instance="3", name="web")
 
@@ -185,7 +185,7 @@ def test_log_handler_never_blocks_and_reports_what_it_dropped() -> None:
     journald stalls must not stop the loop on tracebacks."""
     import logging
 
-    from clusterctl.accesslog import LogHandler
+    from clusterctl.worker.accesslog import LogHandler
 
     reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     handler = LogHandler(writer.fileno())

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from clusterctl import worker
+from clusterctl.worker import options as worker
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,7 +30,7 @@ NEVER = {
     "click", "jinja2", "markupsafe",                                     # the CLI, the unit templates
     "wsproto", "h11",                                                    # WebSockets: only once one is upgraded
     "clusterctl.cli", "clusterctl.plan", "clusterctl.generate", "clusterctl.ops", "clusterctl.systemd",
-    "clusterctl.sandbox", "clusterctl.deploy", "clusterctl.cores", "clusterctl.proc", "clusterctl.task",
+    "clusterctl.sandbox", "clusterctl.deploy", "clusterctl.cores", "clusterctl.proc", "clusterctl.worker.task",
     "argparse", "shutil", "gettext",          # the worker's own command line is parsed without argparse
     "pathlib", "json",                        # messaging: json only once a message or saved state arrives
     "systemd.journal", "systemd._reader", "systemd.id128", "uuid", "datetime",  # accesslog.py speaks journald's socket itself
@@ -44,7 +44,7 @@ NEVER = {
 def test_serving_worker_imports_only_the_serving_path(mode: str) -> None:
     r = footprint.measure(mode=mode, requests=3, settle=0.0, modules=True)
     mods = set(r["modules"])
-    assert {"clusterctl.http.wsgi", "clusterctl.runtime", "uvloop", "httptools"} <= mods  # it did serve
+    assert {"clusterctl.http.wsgi", "clusterctl.worker.runtime", "uvloop", "httptools"} <= mods  # it did serve
     assert "systemd.daemon" in mods if mode == "socket-activate" else True
     assert not NEVER & mods, f"a serving worker imported {sorted(NEVER & mods)}"
     assert not {m for m in mods if m.startswith(("click.", "jinja2.", "email.", "clusterctl.cli."))}

@@ -111,7 +111,7 @@ def test_options_reach_the_units(appdir: Path) -> None:
 
 def test_ws_options_reach_exec_start_only_when_they_differ(appdir: Path) -> None:
     """The --ws-* settings travel plan -> ExecStart= -> the worker's parser; defaults leave the unit as it was."""
-    from clusterctl import worker
+    from clusterctl.worker import options as worker
 
     def exec_start(**kw: object) -> tuple[list[str], str]:
         plan = build_plan(app="myapp:app", name="web", workers="1", check=False, **kw)  # type: ignore[arg-type]
@@ -155,7 +155,7 @@ def test_ws_max_size_refuses_what_is_not_a_size(appdir: Path, value: str) -> Non
 
 def test_worker_args_reach_the_workers_parser(appdir: Path) -> None:
     """--worker-args land at the end of ExecStart= and mean there what the worker's own parser says."""
-    from clusterctl import worker
+    from clusterctl.worker import options as worker
 
     plan = build_plan(app="myapp:app", name="web", workers="1", check=False,
                       worker_args=["--threads 8 --max-requests=1000", "--keepalive-timeout 75 --no-access-log",

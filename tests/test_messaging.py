@@ -20,9 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from clusterctl import generate as gen
-from clusterctl import messaging, task, worker
+from clusterctl import messaging, worker
 from clusterctl.cli import cli
 from clusterctl.plan import build_plan, dynamic_user_name, timespan_seconds
+from clusterctl.worker import task
+from clusterctl.worker.inbox import Inbox
 
 REPO = Path(__file__).resolve().parent.parent
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -111,7 +113,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def test_broadcast_reaches_the_inbox_and_updates_state(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     got: list[dict[str, Any]] = []
     worker.on_message(got.append)  # registered before any runtime exists, as an app does at import
-    inbox = messaging.Inbox(tmp_path, "1")
+    inbox = Inbox(tmp_path, "1")
     inbox.attach(loop)
     try:
         assert (tmp_path / "worker-1.sock").stat().st_mode & 0o777 == 0o600
@@ -147,7 +149,7 @@ def test_bad_messages_and_failing_handlers_are_logged_and_dropped(tmp_path: Path
 
     worker.on_message(boom)
     worker.on_message(good.append)
-    inbox = messaging.Inbox(tmp_path, "1")
+    inbox = Inbox(tmp_path, "1")
     inbox.attach(loop)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, caplog.at_level(logging.WARNING):
@@ -176,7 +178,7 @@ def test_start_loads_saved_state_before_serving(tmp_path: Path, loop: asyncio.Ab
     got: list[dict[str, Any]] = []
     worker.on_message(got.append)
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
-    inbox = messaging.Inbox.start(loop, "3")
+    inbox = Inbox.start(loop, "3")
     assert inbox is not None
     try:
         assert dict(worker.state) == {"usersCount": 7} and got == [{"usersCount": 7}]
@@ -190,7 +192,7 @@ def test_start_loads_saved_state_before_serving(tmp_path: Path, loop: asyncio.Ab
 def test_messaging_is_off_without_a_runtime_directory(loop: asyncio.AbstractEventLoop,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
-    assert messaging.Inbox.start(loop, "1") is None
+    assert Inbox.start(loop, "1") is None
 
 
 def test_deliver_through_a_path_longer_than_sun_path(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
@@ -199,7 +201,7 @@ def test_deliver_through_a_path_longer_than_sun_path(tmp_path: Path, loop: async
     deep.mkdir(parents=True)
     short = tmp_path / "s"
     short.symlink_to(deep)
-    inbox = messaging.Inbox(short, "1")  # bound through a short path, reached through the long one
+    inbox = Inbox(short, "1")  # bound through a short path, reached through the long one
     inbox.attach(loop)
     try:
         assert len(str(deep / "worker-1.sock")) > 108
@@ -241,7 +243,7 @@ def test_task_broadcasts_its_result(taskmod: Path, tmp_path: Path, loop: asyncio
                                     capsys: pytest.CaptureFixture[str]) -> None:
     rundir = tmp_path / "run"
     rundir.mkdir()
-    inbox = messaging.Inbox(rundir, "1")
+    inbox = Inbox(rundir, "1")
     inbox.attach(loop)
     try:
         assert task.main(["--name", "web", "--task", "tasks_mod:count", "--runtime-dir", str(rundir)]) == 0
@@ -276,7 +278,7 @@ def test_task_units_render() -> None:
     assert "OnUnitActiveSec=10s\n" in timer and "OnActiveSec=0\n" in timer and "Unit=users-task.service\n" in timer
     assert "PartOf=users.target\n" in timer
     assert "Wants=users-task.timer\n" in target
-    assert "Type=oneshot\n" in svc and "-m clusterctl.task --name users --task examples.users:count_users" in svc
+    assert "Type=oneshot\n" in svc and "-m clusterctl.worker.task --name users --task examples.users:count_users" in svc
     worker_svc = files["users@.service"]
     for line in ("DynamicUser=yes", "User=clusterctl-users", "RuntimeDirectory=users", "RuntimeDirectoryMode=0700",
                  "RuntimeDirectoryPreserve=yes", "ProtectSystem=strict", "MemoryDenyWriteExecute=yes", "UMask=0077",
@@ -411,7 +413,7 @@ def test_state_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_broadcast_on_a_full_fs_reaches_running_workers_and_says_it_was_not_saved(
         small_fs: Path, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture) -> None:
-    inbox = messaging.Inbox(small_fs, "1")  # the worker binds its socket while there is room
+    inbox = Inbox(small_fs, "1")  # the worker binds its socket while there is room
     inbox.attach(loop)
     try:
         assert messaging.deliver(small_fs, {"v": 1}).not_saved == ""

@@ -1,4 +1,4 @@
-"""Unit tests of clusterctl.notify: bind address parsing, sd_notify datagrams, LISTEN_* handling."""
+"""Unit tests of clusterctl.worker.notify: bind address parsing, sd_notify datagrams, LISTEN_* handling."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import notify
 from clusterctl.errors import ClusterctlError
+from clusterctl.worker import notify
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def test_listen_fds_takes_inherited_socket(family: str, tmp_path: Path) -> None:
     lsock.listen()
     code = (
         "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
-        "os.environ['LISTEN_FDS'] = '1'; from clusterctl import notify; s = notify.listen_fds(); "
+        "os.environ['LISTEN_FDS'] = '1'; from clusterctl.worker import notify; s = notify.listen_fds(); "
         "print(len(s), s[0].family.name, s[0].type.name, os.get_inheritable(3), "
         "'LISTEN_FDS' in os.environ, notify.describe(s[0]).rsplit(':', 1)[0])"
     )

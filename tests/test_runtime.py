@@ -461,8 +461,8 @@ CFFI_REFUSED = "Cannot allocate write+execute memory for ffi.callback(). You mig
 
 
 def test_import_needing_wx_memory_names_allow_wx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clusterctl import runtime
     from clusterctl.errors import ClusterctlError
+    from clusterctl.worker import runtime
 
     (tmp_path / "wxapp.py").write_text(f"raise MemoryError({CFFI_REFUSED!r})\n")
     (tmp_path / "otherapp.py").write_text("raise MemoryError('out of memory')\n")
@@ -481,7 +481,7 @@ def test_logged_errors_needing_wx_memory_name_allow_wx(caplog: pytest.LogCapture
     """A callback made while serving: the engine logs the app's exception; the hint is added to that line."""
     import logging
 
-    from clusterctl import runtime
+    from clusterctl.worker import runtime
 
     hint = runtime.WxHint()
     caplog.handler.addFilter(hint)

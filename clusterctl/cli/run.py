@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from clusterctl.cli import cli
-from clusterctl.worker import OPTIONS, WorkerConfig, size_bytes
+from clusterctl.worker.options import OPTIONS, WorkerConfig, size_bytes
 
 
 def _options(func: Any) -> Any:
@@ -40,7 +40,7 @@ def run(**kwargs: Any) -> None:
     Under systemd it takes the socket the unit passes; for local development use --bind, e.g.
     `clusterctl run --app examples.hello:app --bind 127.0.0.1:8000`.
     """
-    from clusterctl import runtime
+    from clusterctl.worker import runtime
 
     kwargs["bind"] = list(kwargs["bind"])
     code = runtime.run(WorkerConfig(**kwargs))

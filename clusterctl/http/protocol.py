@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httptools
 
@@ -43,14 +44,34 @@ from clusterctl.http.request import (
     header_kind,
 )
 
-if TYPE_CHECKING:
-    from clusterctl.http.server import Limits, Server
-
 log = logging.getLogger("clusterctl.engine")
 
 # The hot path calls methods through module-level names bound here: CPython 3.11 compiles `name.method()` to a
 # generic, unspecializable attribute lookup when `name` was imported, and to LOAD_METHOD (or one global) when not.
 _hkind = HKIND.get
+
+@dataclass(slots=True)
+class Limits:
+    """Per-request limits and per-connection timeouts (seconds). Defaults follow nginx/gunicorn; the
+    worker's options (`--keepalive-timeout` ...) take theirs from here."""
+
+    keepalive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_request_line: int = 8190
+    max_header_field: int = 8190  # one field line, name and value (gunicorn's limit; nginx's 8 KB buffers)
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_body_size: int = 16 * 1024 * 1024
+    max_connections: int = 2048
+    # A body may take body_timeout plus 1 s per min_body_rate bytes received (Apache mod_reqtimeout's MinRate):
+    # a client trickling a byte every few seconds no longer keeps its slot forever.
+    min_body_rate: int = 500
+    # Request body bytes buffered across all connections of the worker (WSGI bodies are read whole before the
+    # app runs): a body that would take the worker past it is answered 503, so 50 stalled uploads cannot hold
+    # 50 x --max-body-size of memory.
+    max_buffered: int = 128 * 1024 * 1024
+
 
 # Connection phases, for timeouts (what we are waiting for from the client when not busy).
 IDLE, HEAD, BODY = 0, 1, 2
@@ -85,7 +106,7 @@ class HttpProtocol(asyncio.Protocol):
     # body is read whole first, bounded by --max-body-size (WSGI apps read wsgi.input synchronously).
     stream_bodies = False
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Any) -> None:  # a server.Server (which imports this module)
         self.server = server
         self.limits = server.limits
         self.loop = server.loop

@@ -12,38 +12,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from clusterctl.http.protocol import IDLE, HttpProtocol
+from clusterctl.http.protocol import IDLE, HttpProtocol, Limits
 from clusterctl.http.request import Reject, Request
-
-if TYPE_CHECKING:
-    from clusterctl.http.response import Head
-
-
-@dataclass(slots=True)
-class Limits:
-    """Per-request limits and per-connection timeouts (seconds). Defaults follow nginx/gunicorn; the
-    worker's options (`--keepalive-timeout` ...) take theirs from here."""
-
-    keepalive_timeout: float = 5.0
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_request_line: int = 8190
-    max_header_field: int = 8190  # one field line, name and value (gunicorn's limit; nginx's 8 KB buffers)
-    max_header_size: int = 32768
-    max_headers: int = 100
-    max_body_size: int = 16 * 1024 * 1024
-    max_connections: int = 2048
-    # A body may take body_timeout plus 1 s per min_body_rate bytes received (Apache mod_reqtimeout's MinRate):
-    # a client trickling a byte every few seconds no longer keeps its slot forever.
-    min_body_rate: int = 500
-    # Request body bytes buffered across all connections of the worker (WSGI bodies are read whole before the
-    # app runs): a body that would take the worker past it is answered 503, so 50 stalled uploads cannot hold
-    # 50 x --max-body-size of memory.
-    max_buffered: int = 128 * 1024 * 1024
-
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -89,8 +61,8 @@ class Server:
         self.date_line = b""
         # The response writer's compiled heads (response.py): (status, headers) -> Head, and the last Head
         # per status, found again without hashing the headers.
-        self.head_cache: dict[Any, Head] = {}
-        self.heads: dict[Any, Head] = {}
+        self.head_cache: dict[Any, Any] = {}  # response.Head values
+        self.heads: dict[Any, Any] = {}
         self.listeners: list[asyncio.AbstractServer] = []
         self.loop_thread = threading.get_ident()
         # For the runtime's monitor thread (watchdog.py): the request whose app code runs on the loop thread

@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-from clusterctl import notify
+from clusterctl.worker import notify
 
 log = logging.getLogger("clusterctl.worker")
 

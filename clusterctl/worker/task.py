@@ -1,4 +1,4 @@
-"""`python -m clusterctl.task --name NAME --task MODULE:FUNC`: the periodic primary task.
+"""`python -m clusterctl.worker.task --name NAME --task MODULE:FUNC`: the periodic primary task.
 
 NAME-task.timer starts NAME-task.service (oneshot) every --every; it runs this: call FUNC once (one
 database call for the whole cluster instead of one per worker) and broadcast what it returns to every
@@ -47,7 +47,7 @@ def run_task(spec: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clusterctl.task",
+    parser = argparse.ArgumentParser(prog="python -m clusterctl.worker.task",
                                      description="Run a periodic task once and broadcast its result to the workers.")
     parser.add_argument("--name", required=True, help="cluster name (RuntimeDirectory=NAME)")
     parser.add_argument("--task", required=True, metavar="MODULE:FUNC", help="function returning a JSON object")

@@ -1,6 +1,6 @@
 """In-place reload, the worker's side: hand one instance's place to a fresh process without a restart.
 
-`systemctl reload NAME@I` runs `python -m clusterctl.reload` (ExecReload=, see clusterctl/reload.py),
+`systemctl reload NAME@I` runs `python -m clusterctl.worker.reload` (ExecReload=, see reload.py),
 which drives both processes through what is defined here:
 
     helper -> old main, control socket:  "fds"       -> the listening sockets (SCM_RIGHTS), NOTIFY_SOCKET and
@@ -32,14 +32,12 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from clusterctl.messaging import bind_placed, unlink_placed
 
 if TYPE_CHECKING:
     import asyncio
-
-    from clusterctl.runtime import Runtime
 
 log = logging.getLogger("clusterctl.worker")
 
@@ -49,6 +47,20 @@ ENV_PREDECESSOR = "CLUSTERCTL_RELOAD_PREDECESSOR"
 ENV_NOTIFY = "CLUSTERCTL_RELOAD_NOTIFY_SOCKET"
 ENV_LAUNCHER = "CLUSTERCTL_RELOAD_LAUNCHER"
 MAX_FDS = 64
+
+
+class Runtime(Protocol):
+    """What the hand-over reads and calls on the worker's runtime (runtime.Runtime), named here instead of
+    imported: the runtime imports this module, not the other way round."""
+
+    loop: asyncio.AbstractEventLoop
+    socks: list[socket.socket]
+    draining: bool
+    notifying: bool
+    inbox: Any  # inbox.Inbox | None: publish(), handed_over
+    control: Control | None
+
+    def drain(self, why: str) -> None: ...
 
 
 def control_name(instance: str) -> str:
@@ -106,16 +118,15 @@ class Control:
         self.loop.add_reader(self.sock.fileno(), self._accept)
 
     @classmethod
-    def start(cls, runtime: Runtime, staged: bool = False) -> Control | None:
+    def start(cls, runtime: Runtime, instance: str, staged: bool = False) -> Control | None:
         """None outside a unit with RuntimeDirectory= (`clusterctl run`): such a worker cannot be reloaded."""
         directory = runtime_directory()
-        if not directory or not runtime.cfg.instance:
+        if not directory or not instance:
             return None
         try:
-            return cls(runtime, directory, runtime.cfg.instance, staged)
+            return cls(runtime, directory, instance, staged)
         except OSError as e:
-            log.warning("in-place reload off: cannot bind %s: %s", os.path.join(directory, control_name(
-                runtime.cfg.instance)), e)
+            log.warning("in-place reload off: cannot bind %s: %s", os.path.join(directory, control_name(instance)), e)
             return None
 
     def publish(self) -> None:

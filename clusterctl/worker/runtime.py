@@ -27,14 +27,15 @@ import sys
 import traceback
 from typing import Any
 
-from clusterctl import handover, messaging, notify
-from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.errors import ClusterctlError
 from clusterctl.http import asgi
 from clusterctl.http.loop import hide_running_loop
 from clusterctl.http.wsgi import WSGIApp, WsgiServer
-from clusterctl.watchdog import Monitor
-from clusterctl.worker import WorkerConfig
+from clusterctl.worker import handover, notify, options
+from clusterctl.worker.accesslog import AccessLog, LogHandler
+from clusterctl.worker.inbox import Inbox
+from clusterctl.worker.options import WorkerConfig
+from clusterctl.worker.watchdog import Monitor
 
 log = logging.getLogger("clusterctl.worker")
 
@@ -153,9 +154,9 @@ class Runtime:
         self.deadline = 0.0
         self.last_status = ""
         self.notifying = notify.enabled()
-        self.inbox: messaging.Inbox | None = None
+        self.inbox: Inbox | None = None
         self.monitor: Monitor | None = None
-        # In-place reload (clusterctl.handover): our control socket, and our side of a hand-over when the
+        # In-place reload (handover.py): our control socket, and our side of a hand-over when the
         # reload helper started us to replace a running process.
         self.control: handover.Control | None = None
         self.successor: handover.Successor | None = None
@@ -200,8 +201,8 @@ class Runtime:
         if self.successor is not None:
             self.successor.attach(self)
         # messaging hook: bind /run/NAME/worker-I.sock and load the saved state before serving and READY=1
-        self.inbox = messaging.Inbox.start(loop, self.cfg.instance, staged=staged)
-        self.control = handover.Control.start(self, staged=staged)  # in-place reload hook
+        self.inbox = Inbox.start(loop, self.cfg.instance, staged=staged)
+        self.control = handover.Control.start(self, self.cfg.instance, staged=staged)  # in-place reload hook
         if self.lifespan is not None:
             await self.lifespan.startup()
         if self.cfg.ready_path:
@@ -229,7 +230,7 @@ class Runtime:
         return await self._finish_successor(code)
 
     async def _finish_successor(self, code: int) -> int:
-        """A process that replaced another in place waits for it before exiting (see clusterctl.handover)."""
+        """A process that replaced another in place waits for it before exiting (see handover.py)."""
         if self.successor is not None:
             await self.successor.wait_predecessor(self.cfg.drain_timeout + 5)
         return code
@@ -385,7 +386,7 @@ def _serve(cfg: WorkerConfig, successor: handover.Successor | None) -> int:
 def run(cfg: WorkerConfig) -> int:
     """Entry point shared by `python -m clusterctl.worker` and `clusterctl run`."""
     successor = handover.adopt()  # first: a process the reload helper started forks off its launcher here
-    # stderr without blocking: a stalled journald must not stop the event loop (see clusterctl.accesslog)
+    # stderr without blocking: a stalled journald must not stop the event loop (see accesslog.py)
     try:
         handler: logging.Handler = LogHandler(sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):  # no real fd (embedded, a test runner's stream)
@@ -397,13 +398,11 @@ def run(cfg: WorkerConfig) -> int:
     if cfg.instance:
         os.environ["CLUSTERCTL_INSTANCE"] = cfg.instance
     os.environ["CLUSTERCTL_NAME"] = cfg.name
-    import clusterctl.worker as worker_api  # the module apps import, even when we run as __main__
+    import clusterctl.worker as worker_api  # the module apps import
 
     worker_api.instance = cfg.instance
     worker_api.name = cfg.name
-    bad = (worker_api.ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
-           or worker_api.ready_path_problem(cfg.ready_path) or worker_api.timeout_problem(cfg.timeout)
-           or worker_api.forwarded_problem(cfg.forwarded_allow_ips))
+    bad = options.problem(cfg)
     try:
         if bad:
             raise ClusterctlError(*bad)

@@ -1,9 +1,9 @@
-"""`python -m clusterctl.reload [--timeout S] -- WORKER COMMAND`: ExecReload= of every worker unit.
+"""`python -m clusterctl.worker.reload [--timeout S] -- WORKER COMMAND`: ExecReload= of every worker unit.
 
 `systemctl reload 'NAME@*'` starts one reload job per running instance, all at once; each runs this helper.
 The helpers take turns on an flock in the shared RuntimeDirectory, so ONE instance switches at a time
 (the lock order is not instance order), and each switch ends only once the new process serves and is the
-unit's main process. `systemctl reload` returns after the last one. One switch (see clusterctl.handover):
+unit's main process. `systemctl reload` returns after the last one. One switch (see handover.py):
 take the old main's sockets, start WORKER COMMAND (the unit's own ExecStart= words, with the unit's
 current Environment=: so a reload after `clusterctl install` + daemon-reload picks both up), wait until it
 serves, let the old main hand MAINPID over and drain.
@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from clusterctl import handover
 from clusterctl.errors import ClusterctlError
+from clusterctl.worker import handover
 
 LOCK = "reload.lock"
 FAILED = "reload.failed"
@@ -39,7 +39,7 @@ DEFAULT_TIMEOUT = 60.0
 
 class Helper:
     def __init__(self, timeout: float, worker_argv: list[str]) -> None:
-        from clusterctl.worker import _parse_plain
+        from clusterctl.worker.options import _parse_plain
 
         self.timeout = timeout
         self.argv = worker_argv
@@ -263,7 +263,8 @@ def parse(argv: list[str]) -> tuple[float, list[str]]:
             if not 0 < timeout < 86400:
                 raise ClusterctlError("--timeout must be a number of seconds above 0", "e.g. --timeout 60")
         else:
-            raise ClusterctlError(f"unknown option {flag!r}", "usage: python -m clusterctl.reload [--timeout S] -- WORKER ARGV")
+            raise ClusterctlError(f"unknown option {flag!r}",
+                                  "usage: python -m clusterctl.worker.reload [--timeout S] -- WORKER ARGV")
     return timeout, worker
 
 
