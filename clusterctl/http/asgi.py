@@ -26,7 +26,7 @@ from typing import Any
 from clusterctl.errors import ClusterctlError
 from clusterctl.http.loop import settle
 from clusterctl.http.request import CACHE_MAX, METHODS, TARGETS, Request, method_name, split_target
-from clusterctl.http.response import F_CHUNKED, F_NONE, REASONS, TOKEN, Head, ResponseWriter
+from clusterctl.http.response import F_CHUNKED, F_NONE, REASONS, Head, ResponseWriter, compile_head
 from clusterctl.http.server import Limits, Server
 
 log = logging.getLogger("clusterctl.asgi")
@@ -191,29 +191,10 @@ def _asgi_head(status: Any, headers: Any) -> Head:
     """Validate and compile an http.response.start's status and headers (byte pairs) into a reusable head."""
     if type(status) is not int or not 100 <= status <= 999:
         raise ValueError(f"invalid ASGI status {status!r}")
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "").encode())]
-    app_cl: int | None = None
-    close = has_date = False
-    kept = []
-    for name, value in headers:
-        kept.append((name, value))
-        name, value = bytes(name), bytes(value)
-        if not name or any(c not in TOKEN for c in name):
-            raise ValueError(f"invalid response header name {name!r}")
-        if 0x0A in value or 0x0D in value or 0 in value:
-            raise ValueError(f"response header {name!r} contains a line break")
-        low = name.lower()
-        if low == b"content-length":
-            app_cl = int(value)
-        elif low == b"connection":
-            close = b"close" in value.lower()
-            continue
-        elif low in (b"transfer-encoding", b"keep-alive"):
-            continue  # we frame responses ourselves
-        elif low == b"date":
-            has_date = True
-        out += (name, b": ", value, b"\r\n")
-    return Head(status, b"".join(out), app_cl, close, has_date, kept if type(headers) is list else headers)
+    kept = list(headers)  # a copy: an app may change its list after sending it
+    fields = [(bytes(name), bytes(value)) for name, value in kept]
+    return compile_head(status, b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "").encode()), fields,
+                        kept if type(headers) is list else headers)
 
 
 def _scope_target(target: bytes) -> tuple[str, bytes, bytes]:

@@ -11,7 +11,7 @@ Content-Length included, cached per body length and written with one transport.w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from clusterctl.http.protocol import REASONS, HttpProtocol, error_response
@@ -33,21 +33,46 @@ F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = 0, 1, 2, 3
 # Response header names: hop-by-hop or framing headers an app must not set (PEP 3333); we frame ourselves.
 TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 K_PLAIN, K_CL, K_CONN, K_DROP, K_DATE = 0, 1, 2, 3, 4
-_K_BY_LOWER = {"content-length": K_CL, "connection": K_CONN, "transfer-encoding": K_DROP, "keep-alive": K_DROP,
-               "date": K_DATE}
-_HEAD_KIND: dict[str, int] = {}
+_K_BY_LOWER = {b"content-length": K_CL, b"connection": K_CONN, b"transfer-encoding": K_DROP, b"keep-alive": K_DROP,
+               b"date": K_DATE}
+_HEAD_KIND: dict[bytes, int] = {}
 
 
-def head_kind(name: str) -> int:
+def head_kind(name: bytes) -> int:
     """The K_* kind of a response header name; a name that is not an RFC 9110 token raises ValueError."""
     kind = _HEAD_KIND.get(name)
     if kind is None:
-        if not name or any(c not in TOKEN for c in name.encode("latin-1", "replace")):
+        if not name or any(c not in TOKEN for c in name):
             raise ValueError(f"invalid response header name {name!r}")
         kind = _K_BY_LOWER.get(name.lower(), K_PLAIN)
         if len(_HEAD_KIND) < CACHE_MAX:
             _HEAD_KIND[name] = kind
     return kind
+
+
+def compile_head(code: int, status_line: bytes, fields: Iterable[tuple[bytes, bytes]], headers: Any) -> Head:
+    """Validate an app's response header fields (as bytes, whichever interface gave them) and compile them
+    after `status_line`; hop-by-hop and framing fields are dropped (we frame responses ourselves) and the app's
+    Content-Length, Connection: close and Date are noted. `headers` is what the app gave, kept to recognise the
+    same head next time."""
+    out = [status_line]
+    app_cl: int | None = None
+    close = has_date = False
+    for name, value in fields:
+        kind = head_kind(name)
+        if 0x0A in value or 0x0D in value or 0 in value:
+            raise ValueError(f"response header {name!r} contains a line break")
+        if kind == K_CL:
+            app_cl = int(value)
+        elif kind == K_CONN:
+            close = b"close" in value.lower()
+            continue
+        elif kind == K_DROP:
+            continue
+        elif kind == K_DATE:
+            has_date = True
+        out += (name, b": ", value, b"\r\n")
+    return Head(code, b"".join(out), app_cl, close, has_date, headers)
 
 
 class Head:
