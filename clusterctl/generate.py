@@ -20,7 +20,7 @@ import jinja2
 
 from clusterctl import __version__
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import BACKLOG, DRAIN_TIMEOUT, TIMEOUT, WATCHDOG_SEC, Plan, socket_unit, timespan_seconds
+from clusterctl.plan import TIMEOUT, Plan, option_words, socket_unit, timespan_seconds
 from clusterctl.proc import run
 from clusterctl.reload import DEFAULT_TIMEOUT as RELOAD_TIMEOUT
 
@@ -85,41 +85,7 @@ def task_argv(plan: Plan) -> list[str]:
 def generate_command(plan: Plan) -> str:
     """The `clusterctl generate` command line that reproduces this plan, for the units' header: every
     option that shaped it (the paths resolved, so it gives the same units from any directory)."""
-    argv = ["clusterctl", "generate", "--app", plan.app, "--name", plan.name, "--workers", str(plan.workers),
-            "--python", plan.python, "--working-dir", plan.working_dir]
-    for address in plan.listen:
-        argv += ["--listen", address.unit_value if address.kind == "tcp" else f"unix:{address.path}"]
-    if plan.balance != "shared":
-        argv += ["--balance", plan.balance]
-    if plan.interface != "auto":
-        argv += ["--interface", plan.interface]
-    if plan.user:
-        argv += ["--user", plan.user]
-    for key, value in plan.env:
-        argv += ["--env", f"{key}={value}"]
-    if not plan.harden:
-        argv += ["--no-harden"]
-    if plan.protect_home != ("yes" if plan.harden else "no"):  # also when derived: the same value again
-        argv += ["--protect-home", plan.protect_home]
-    for path in plan.rw_paths:
-        argv += ["--rw-path", path]
-    if plan.allow_wx:
-        argv += ["--allow-wx"]
-    for option, value in (("--memory-high", plan.memory_high), ("--memory-max", plan.memory_max),
-                          ("--cpu-quota", plan.cpu_quota), ("--tasks-max", plan.tasks_max)):
-        if value:
-            argv += [option, value]
-    for option, number, default in (("--backlog", plan.backlog, BACKLOG),
-                                    ("--drain-timeout", plan.drain_timeout, DRAIN_TIMEOUT),
-                                    ("--watchdog-sec", plan.watchdog_sec, WATCHDOG_SEC),
-                                    ("--timeout", plan.timeout, TIMEOUT)):
-        if number != default:
-            argv += [option, str(number)]
-    if plan.worker_args:
-        argv += ["--worker-args", shlex.join(plan.worker_args)]
-    if plan.task:
-        argv += ["--every", str(plan.every), "--task", plan.task]
-    return shlex.join(argv + plan.ws_args)
+    return shlex.join(["clusterctl", "generate", *option_words(plan)])
 
 
 def header(plan: Plan) -> str:

@@ -347,8 +347,8 @@ def test_error_type_is_user_facing() -> None:
 
 # --- the header's regenerate command --------------------------------------------------------------
 
-# A value other than the default for every option of build_plan that a user sets (check/budget are not
-# options of the plan; --workers auto is resolved, so a number stands for it).
+# A value other than the default for every plan option (plan.PlanOptions) that shapes the units (check_import
+# does not; --workers auto is resolved, so a number stands for it).
 NON_DEFAULT = {
     "app": "myapp:app", "name": "web", "workers": "3", "listen": ("127.0.0.1:9001", "[::1]:9002"),
     "balance": "reuseport", "user": "www-data", "working_dir": "/srv", "python": "/usr/bin/python3",
@@ -377,10 +377,10 @@ def _replan(command: str) -> object:
                                      {**NON_DEFAULT, "harden": False, "protect_home": "read-only"}],
                          ids=["defaults", "every-option", "no-harden"])
 def test_header_command_rebuilds_the_same_plan(appdir: Path, options: dict[str, object]) -> None:
-    import inspect
+    from clusterctl.plan import plan_option_specs
 
-    settable = set(inspect.signature(build_plan).parameters) - {"check", "budget"}
-    assert set(NON_DEFAULT) == settable, "a new build_plan option: give it a non-default value here"
+    settable = {key for key, _, _ in plan_option_specs()} - {"check_import"}
+    assert set(NON_DEFAULT) == settable, "a new plan option: give it a non-default value here"
     plan = build_plan(**options, check=False)  # type: ignore[arg-type]
     header = gen.render(plan)[f"{plan.name}@.service"].splitlines()[1]
     assert header.startswith("# clusterctl generate ")
