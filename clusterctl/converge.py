@@ -1,13 +1,13 @@
 """`up` again on a running cluster: compare what is installed with the new plan and apply the difference
 the least disruptive way, or refuse before touching anything.
 
-The comparison is against the units in the manager's unit dir, not the last generated output, so a
-`clusterctl scale` since the last `up` is seen (the target's Wants= is the worker count). Comments (the
-header naming the generate command) never count as a change.
+The comparison is against what is installed in the manager's unit dir (the plan file and the units), not
+the last generated output, so a `clusterctl scale` since the last `up` is seen (scale rewrites the installed
+plan). Comments (the header naming the generate command) never count as a change.
 
 | what differs | how it is applied |
 |---|---|
-| worker count (the target's Wants=) | scale: start the new instances, or drain and stop the surplus |
+| worker count (the installed plan's) | scale: start the new instances, or drain and stop the surplus |
 | the worker unit (code, arguments, environment, limits) | rolling reload, as `clusterctl reload` |
 | the socket (listen addresses, backlog, layout) | needs the socket closed and opened again: only with --force |
 | the periodic task | its timer restarted |
@@ -15,14 +15,14 @@ header naming the generate command) never count as a change.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from clusterctl import generate as gen
 from clusterctl import ops
 from clusterctl.errors import ClusterctlError
-from clusterctl.generate import unit_prefixes
 from clusterctl.plan import Plan
 from clusterctl.systemd import Systemd
 
@@ -58,38 +58,45 @@ class Change:
         return out
 
 
-def _meaning(name: str, fname: str, text: str) -> list[str]:
-    """The lines that matter: no comments, Description= or TimeoutStartSec= (which follow the worker count),
-    and for the target no worker Wants= (the count, compared on its own)."""
-    lines = [ln for ln in text.splitlines()
-             if ln.strip() and not ln.lstrip().startswith(("#", ";"))
-             and not ln.startswith(("Description=", "TimeoutStartSec="))]
-    if fname == f"{name}.target":
-        lines = [ln for ln in lines if not re.fullmatch(rf"Wants={re.escape(name)}(-listen)?@\d+\.(service|socket)", ln)]
-    return lines
+def _meaning(text: str) -> list[str]:
+    """The lines that matter: no comments, Description= or TimeoutStartSec= (which follow the worker count)."""
+    return [ln for ln in text.splitlines()
+            if ln.strip() and not ln.lstrip().startswith(("#", ";"))
+            and not ln.startswith(("Description=", "TimeoutStartSec="))]
 
 
-def compare(sd: Systemd, plan: Plan, files: dict[str, str]) -> Change | None:
-    """The change from the installed cluster to `files` (rendered from `plan`); None if not installed."""
-    unit_dir = sd.path(sd.unit_dir)
-    if not (unit_dir / f"{plan.name}.target").is_file():
+def compare(sd: Systemd, plan: Plan) -> Change | None:
+    """The change from the installed cluster to `plan`; None if not installed.
+
+    The worker count is compared plan to plan; the units are compared as rendered at the installed count,
+    so the target's Wants= (the count) never shows as a unit change. Units an older clusterctl installed
+    without a plan file count as a socket change: reinstalled whole, with --force."""
+    units = plan.units
+    if not ops.is_installed(sd, plan.name):
         return None
+    unit_dir = sd.path(sd.unit_dir)
+    if not (unit_dir / units.plan_file).is_file():
+        return Change(old_workers=plan.workers, new_workers=plan.workers, old_listen=(), socket=True, service=True,
+                      task=bool(plan.task), diff=f"{sd.unit_dir}/{units.plan_file}: missing (an older clusterctl "
+                      "installed these units): every unit is installed again")
     inst = ops.installed(sd, plan.name)
-    old_names = {p.name for p in unit_dir.iterdir() if p.name.startswith(unit_prefixes(plan.name))}
+    files = {k: v for k, v in gen.render(dataclasses.replace(plan, workers=inst.workers)).items()
+             if k != units.plan_file}
+    old_names = {p.name for p in unit_dir.iterdir() if p.name.startswith(units.prefixes) and p.name != units.plan_file}
     changed: set[str] = set()
     chunks: list[str] = []
     for fname in sorted(old_names | set(files)):
         path = unit_dir / fname
-        old = _meaning(plan.name, fname, path.read_text()) if path.is_file() else []
-        new = _meaning(plan.name, fname, files[fname]) if fname in files else []
+        old = _meaning(path.read_text()) if path.is_file() else []
+        new = _meaning(files[fname]) if fname in files else []
         if old != new:
             changed.add(fname)
             chunks += difflib.unified_diff(old, new, f"installed/{fname}", f"new/{fname}", lineterm="")
     return Change(
         old_workers=inst.workers, new_workers=plan.workers, old_listen=inst.listen,
         socket=any(f.endswith(".socket") for f in changed),
-        service=f"{plan.name}@.service" in changed,
-        task=any(f.startswith(f"{plan.name}-task.") for f in changed),
+        service=units.service() in changed,
+        task=bool(changed & {units.task_timer, units.task_service}),
         diff="\n".join(chunks))
 
 
@@ -118,7 +125,8 @@ def apply(sd: Systemd, plan: Plan, units: Path, change: Change, *, progress: ops
         ops.reload(sd, name, progress=progress)
     elif change.new_workers > change.old_workers:
         ops.resize(sd, before, change.new_workers, progress=progress)
-    if change.task and (sd.path(sd.unit_dir) / f"{name}-task.timer").is_file():
-        sd.systemctl("restart", f"{name}-task.timer")
-        progress(f"{name}-task.timer: restarted")
+    timer = plan.units.task_timer
+    if change.task and (sd.path(sd.unit_dir) / timer).is_file():
+        sd.systemctl("restart", timer)
+        progress(f"{timer}: restarted")
     ops.start_cluster(sd, name, progress=lambda m: None)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.proc import run
+from clusterctl.unitnames import UnitNames
 from clusterctl.worker import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
 
 Balance = Literal["shared", "reuseport"]
@@ -279,20 +280,50 @@ class Plan:
         return out
 
     @property
+    def units(self) -> UnitNames:
+        """The names of this cluster's units and files."""
+        return UnitNames(self.name, self.balance)
+
+    @property
     def stop_timeout(self) -> int:
         """TimeoutStopSec: above the drain deadline so the runtime, not SIGKILL, ends the drain."""
         return self.drain_timeout + 5
 
 
 def socket_unit(name: str, balance: str, instance: int | str | None = None) -> str:
-    """The socket unit of a cluster, or of one instance (`%i` in templates; None: the template file).
+    """The socket unit of a cluster or of one instance (see UnitNames.socket)."""
+    return UnitNames(name, balance).socket(instance)
 
-    Per-instance sockets are named NAME-listen@I.socket, not NAME@I.socket, so that
-    `systemctl restart 'NAME@*'` restarts the workers and never the sockets (a socket restart drops the
-    connections queued on it)."""
-    if balance == "shared":
-        return f"{name}.socket"
-    return f"{name}-listen@{'' if instance is None else instance}.socket"
+
+PLAN_FILE_FORMAT = 1
+
+
+def plan_to_json(plan: Plan) -> str:
+    """The plan as the JSON file kept beside the units (NAME.plan.json): what later operations re-render from,
+    so none of them reads unit files back. Listen addresses as --listen takes them; what the plan does not
+    compare (the CPU reasoning, warnings) is left out."""
+    data: dict[str, Any] = {"format": PLAN_FILE_FORMAT}
+    for f in fields(Plan):
+        if f.compare:
+            value = getattr(plan, f.name)
+            data[f.name] = [a.spec for a in value] if f.name == "listen" else value
+    return json.dumps(data, indent=2) + "\n"
+
+
+def plan_from_json(text: str, where: str) -> Plan:
+    """The Plan of a NAME.plan.json (plan_to_json's), or a ClusterctlError naming the file and the fix."""
+    fix = "regenerate the units (clusterctl up again, or clusterctl generate --force and clusterctl install)"
+    try:
+        data = json.loads(text)
+        if data.pop("format", None) != PLAN_FILE_FORMAT:
+            raise ValueError("an unknown format")
+        known = {f.name for f in fields(Plan) if f.compare}
+        values = {k: tuple(map(tuple, v)) if k == "env" else tuple(v) if isinstance(v, list) else v
+                  for k, v in data.items() if k in known}
+        values["listen"] = tuple(parse_listen(a) for a in data["listen"])
+        return Plan(**values)
+    except (ValueError, TypeError, KeyError, ClusterctlError) as e:
+        raise ClusterctlError(f"{where} is not a plan this clusterctl can read ({e})", fix) from None
 
 
 def dynamic_user_name(name: str) -> str:

@@ -271,7 +271,8 @@ def plan_kw(**kw: Any) -> dict[str, Any]:
 
 def test_task_units_render() -> None:
     files = gen.render(build_plan(**plan_kw(every="10s", task="examples.users:count_users")))
-    assert sorted(files) == ["users-task.service", "users-task.timer", "users.socket", "users.target", "users@.service"]
+    assert sorted(files) == ["users-task.service", "users-task.timer", "users.plan.json", "users.socket", "users.target",
+                            "users@.service"]
     timer, svc, target = files["users-task.timer"], files["users-task.service"], files["users.target"]
     assert "OnUnitActiveSec=10s\n" in timer and "OnActiveSec=0\n" in timer and "Unit=users-task.service\n" in timer
     assert "PartOf=users.target\n" in timer

@@ -115,7 +115,7 @@ def _up_one(plan: Plan, use_sandbox: bool | None, sandbox_name: str | None, host
         if running and not sd.path(plan.working_dir).is_dir():
             raise ClusterctlError(f"sandbox {box} was booted without {plan.working_dir}, so its workers cannot see it",
                                   f"take it down first (clusterctl down {name}), then run up again")
-    change = converge.compare(sd, plan, gen.render(plan)) if running else None
+    change = converge.compare(sd, plan) if running else None
     if change is not None:
         converge.refuse_unless_forced(plan, change, force)
     out = output if output is not None else registry.units_dir(name)
