@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clusterctl import generate as gen
-from clusterctl import messaging, proc, rollout
+from clusterctl import messaging, proc, rollout, statusline
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.plan import NAME_RE, Plan, plan_from_json
 from clusterctl.systemd import Systemd
@@ -308,25 +308,6 @@ _PROM_METRICS: list[tuple[str, str, str, Callable[[InstanceStatus], float | None
 ]
 
 
-def parse_status_text(text: str) -> tuple[int | None, int | None, int | None]:
-    """(requests served, in flight, errors) from the runtime's STATUS= line."""
-    def grab(*patterns: str) -> int | None:
-        for p in patterns:
-            m = re.search(p, text)
-            if m:
-                return int(m.group(1))
-        return None
-    return (grab(r"(\d+) (?:requests|served)", r"requests[=: ](\d+)", r"served[=: ](\d+)"),
-            grab(r"(\d+) in[ -]flight", r"in[_ -]?flight[=: ](\d+)"),
-            grab(r"(\d+) errors?", r"errors?[=: ](\d+)"))
-
-
-def parse_websockets(text: str) -> int | None:
-    """Open WebSockets from the STATUS= line (`..., websockets 3`), None where the worker reports none."""
-    m = re.search(r"websockets[=: ](\d+)|(\d+) websockets", text)
-    return int(m.group(1) or m.group(2)) if m else None
-
-
 def _int(value: str | None) -> int | None:
     try:
         v = int(value or "")
@@ -379,7 +360,7 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             except OSError:
                 mem = None
         text = r.get("StatusText", "")
-        req, fl, err = parse_status_text(text)
+        counters = statusline.parse(text)
         instance = inst.units.instance_of(r["Id"])
         why = ""
         if (r.get("ActiveState"), r.get("SubState")) != ("active", "running") and r.get("LoadState") == "loaded":
@@ -394,9 +375,10 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             instance=instance, unit=r["Id"], pid=pid, state=r.get("ActiveState", "?"), sub_state=r.get("SubState", "?"),
             uptime_s=round(uptime, 1) if uptime is not None else None, restarts=_int(r.get("NRestarts")) or 0,
             cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
-            requests=req, in_flight=fl, errors=err, status_text=text,
+            requests=counters.get("served"), in_flight=counters.get("in_flight"), errors=counters.get("errors"),
+            status_text=text,
             configured=instance.isdigit() and int(instance) in inst.instances, why=why,
-            websockets=parse_websockets(text), reloads=int(reloads.get(instance, {}).get("count", 0)),
+            websockets=counters.get("websockets"), reloads=int(reloads.get(instance, {}).get("count", 0)),
             last_reload=reloads.get(instance, {}).get("last")))
     out.task = _task_status(sd, name)
     return out

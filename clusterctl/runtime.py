@@ -27,7 +27,7 @@ import sys
 import traceback
 from typing import Any
 
-from clusterctl import asgi, handover, messaging, notify
+from clusterctl import asgi, handover, messaging, notify, statusline
 from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.engine import Server, WSGIApp, hide_running_loop
 from clusterctl.errors import ClusterctlError
@@ -293,13 +293,10 @@ class Runtime:
     # -- periodic notify ---------------------------------------------------------------------------------
     def _status(self) -> None:
         s = self.server
-        state = "draining, " if self.draining else ""
-        text = (f"{state}requests served {s.served}, in flight {s.in_flight}, errors {s.errors}, "
-                f"connections {len(s.connections)}")
-        if isinstance(s, asgi.AsgiServer):
-            text += f", websockets {s.websockets}"
-        if self.access is not None and self.access.dropped:
-            text += f", access log lines dropped {self.access.dropped}"
+        text = statusline.format(
+            state="draining" if self.draining else None, served=s.served, in_flight=s.in_flight, errors=s.errors,
+            connections=len(s.connections), websockets=s.websockets if isinstance(s, asgi.AsgiServer) else None,
+            log_dropped=(self.access.dropped or None) if self.access is not None else None)
         if text != self.last_status:
             self.last_status = text
             notify.notify(status=text)
@@ -344,7 +341,7 @@ class Runtime:
         self.deadline = self.loop.time() + self.cfg.drain_timeout
         s = self.server
         log.info("%s: draining %d in flight, %d connection(s)", why, s.in_flight, len(s.connections))
-        notify.notify(stopping=True, status=f"draining ({why}): {s.in_flight} in flight")
+        notify.notify(stopping=True, status=statusline.format(state="draining", in_flight=s.in_flight, note=why))
         s.begin_drain()
         self._check_drained()
 

@@ -108,10 +108,10 @@ def test_all_instances_ready_and_serving(cluster: Cluster, sandbox_host) -> None
     # our STATUS= line, as systemctl status shows it (the runtime sends it about once a second)
     deadline = time.monotonic() + 5
     out = ""
-    while time.monotonic() < deadline and "requests served" not in out:
+    while time.monotonic() < deadline and "served=" not in out:
         out = cluster.sd.systemctl("status", f"{cluster.name}@1", check=False).stdout
         time.sleep(0.2)
-    assert 'Status: "requests served' in out
+    assert 'Status: "served=' in out
 
 
 def test_rolling_restart_one_at_a_time_loses_nothing(cluster: Cluster) -> None:

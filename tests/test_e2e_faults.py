@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from clusterctl import generate as gen
-from clusterctl import ops
+from clusterctl import ops, statusline
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.plan import build_plan
@@ -253,7 +253,7 @@ def test_journald_stalled_workers_serve_drop_lines_and_say_so(own_box: tuple[sb.
     r = load.result
     assert r.total > 1500 and r.errors == [], (r.total, r.errors[:5])
     assert workers(sd) == before  # no watchdog kill, no restart
-    dropped = [int(m.group(1)) for i in st.instances if (m := re.search(r"access log lines dropped (\d+)", i.status_text))]
+    dropped = [statusline.parse(i.status_text).get("log_dropped", 0) for i in st.instances]
     assert dropped and sum(dropped) > 0, [i.status_text for i in st.instances]
     for _ in range(20):  # a request to each worker after journald is back: the count goes first
         get(box, "/")

@@ -201,8 +201,8 @@ def test_status_updates_and_access_log(spawn: Callable[..., Worker]) -> None:
     assert w.request("/pid", sock=first).endswith(f"{w.proc.pid} 7\n".encode())
     for _ in range(2):
         assert b"Hello, world!" in w.request("/")
-    _, msg = w.notify.wait_for("requests served 3", timeout=5)
-    assert "in flight 0, errors 0" in msg
+    _, msg = w.notify.wait_for("served=3 ", timeout=5)
+    assert "in_flight=0 errors=0" in msg
     os.kill(w.proc.pid, signal.SIGTERM)
     out, _ = w.output()
     assert w.proc.returncode == 0

@@ -422,7 +422,7 @@ def test_sigterm_closes_websockets_1001_and_status_counts_them(spawn: Callable[.
 
     async def go() -> list[int]:
         clients = await open_clients(f"ws://127.0.0.1:{w.port}/ws", 3)
-        await asyncio.to_thread(w.notify.wait_for, "websockets 3", 5)
+        await asyncio.to_thread(w.notify.wait_for, "websockets=3", 5)
         os.kill(w.proc.pid, signal.SIGTERM)
         return [await close_code(c) for c in clients]
 
@@ -449,11 +449,11 @@ def test_drain_deadline_cuts_a_client_that_never_answers_the_close(spawn: Callab
 
 
 def test_status_column_only_where_workers_report_websockets() -> None:
+    from clusterctl import statusline
     from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, ws_column
-    from clusterctl.ops import parse_websockets
 
-    assert parse_websockets("requests served 5, in flight 0, errors 0, connections 3, websockets 2") == 2
-    assert parse_websockets("requests served 5, in flight 0, errors 0, connections 3") is None  # a WSGI worker
+    assert statusline.parse("served=5 in_flight=0 errors=0 connections=3 websockets=2").get("websockets") == 2
+    assert statusline.parse("served=5 in_flight=0 errors=0 connections=3").get("websockets") is None  # WSGI worker
     rows = [{"instance": "1", "websockets": 2}, {"instance": "2", "websockets": None}]
     ws = ws_column(rows)
     assert ws == ["websockets"] and [instance_cells(r, ws)[-1] for r in rows] == ["2", "-"]
