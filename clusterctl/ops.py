@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clusterctl import generate as gen
-from clusterctl import messaging, proc, rollout, statusline
+from clusterctl import messaging, probe, proc, rollout, statusline
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.plan import NAME_RE, Plan, plan_from_json
 from clusterctl.systemd import Systemd
@@ -405,12 +405,10 @@ def _main_pid(sd: Systemd, unit: str) -> int:
 
 def health_check(sd: Systemd, inst: Installed, path: str, timeout: float = 5.0) -> tuple[bool, str]:
     """GET path through the cluster's socket (the way clients come in); 2xx is healthy."""
-    if not inst.listen:
-        return False, "no listen address in the socket unit"
-    address = inst.listen[0]
+    address = inst.plan.listen[0]  # a plan always has one
     try:
         with sd.connect(address, timeout=timeout) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(probe.request(path))
             data = b""
             while b"\r\n" not in data:
                 chunk = s.recv(4096)
@@ -418,11 +416,9 @@ def health_check(sd: Systemd, inst: Installed, path: str, timeout: float = 5.0) 
                     break
                 data += chunk
     except OSError as e:
-        return False, f"{address}: {e}"
-    line = data.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = line.split()
-    ok = len(parts) >= 2 and parts[1].startswith("2")
-    return ok, line or "no response"
+        return False, f"{address.unit_value}: {e}"
+    text = probe.answer(data)
+    return probe.healthy(text), text
 
 
 def _wait_health(sd: Systemd, inst: Installed, path: str, timeout: float) -> None:

@@ -7,7 +7,6 @@ the fix. Rendering (generate.py) and later operations read only the plan, never 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import pwd
@@ -19,6 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from clusterctl import appspec
+from clusterctl.address import Address
+from clusterctl.address import parse as parse_address
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.proc import run
@@ -31,8 +33,6 @@ PROTECT_HOME: tuple[str, ...] = ("no", "read-only", "tmpfs", "yes")
 # What ProtectHome= hides or freezes: the interpreter, app and --rw-path must not lie under it.
 HOME_DIRS = ("/home", "/root", "/run/user")
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-APP_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
 # Unit names allow more, but this set needs no escaping anywhere (paths, journal fields, shell).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -53,37 +53,7 @@ WS_PING_TIMEOUT: float = _WORKER.ws_ping_timeout
 TIMEOUT = int(_WORKER.timeout)  # the worker's --timeout: a request's app code running longer replaces the worker
 
 
-@dataclass(frozen=True)
-class Listen:
-    """One address the socket unit listens on."""
-
-    kind: Literal["tcp", "unix"]
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-    @property
-    def unit_value(self) -> str:
-        """The value for ListenStream=."""
-        if self.kind == "unix":
-            return str(self.path)
-        if self.host is None:
-            return str(self.port)
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def spec(self) -> str:
-        """The address as --listen takes it."""
-        return self.unit_value if self.kind == "tcp" else f"unix:{self.path}"
-
-    @property
-    def url(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = self.host or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+Listen = Address  # one address the socket unit listens on (clusterctl.address)
 
 
 @dataclass(frozen=True)
@@ -342,11 +312,7 @@ def dynamic_user_name(name: str) -> str:
 
 
 def parse_app(spec: str) -> str:
-    if not APP_RE.match(spec):
-        raise ClusterctlError(
-            f"--app {spec!r} is not MODULE:CALLABLE",
-            "name a module and an attribute, e.g. --app myproject.wsgi:application",
-        )
+    appspec.parse(spec, "--app")
     return spec
 
 
@@ -367,37 +333,7 @@ def default_name(app: str) -> str:
 
 def parse_listen(value: str) -> Listen:
     """`PORT`, `IPv4:PORT`, `[IPv6]:PORT`, or `unix:/abs/path` (or just `/abs/path`)."""
-    fix = "use PORT, 127.0.0.1:8000, [::1]:8000 or unix:/run/NAME.sock"
-    if value.startswith(("unix:", "/")):
-        path = value.removeprefix("unix:")
-        if not path.startswith("/") or "\n" in path or len(path.encode()) > 107:
-            raise ClusterctlError(f"--listen {value!r}: a unix socket needs an absolute path under 108 bytes", fix)
-        return Listen("unix", path=path)
-    host: str | None
-    if value.isdigit():
-        host, port_s = None, value
-    elif value.startswith("["):
-        host, sep, port_s = value[1:].partition("]:")
-        if not sep:
-            raise ClusterctlError(f"--listen {value!r}: an IPv6 address needs the form [ADDR]:PORT", fix)
-    else:
-        host, sep, port_s = value.rpartition(":")
-        if not sep:
-            raise ClusterctlError(f"--listen {value!r} has no port", fix)
-    if host is not None:
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            raise ClusterctlError(
-                f"--listen {value!r}: {host!r} is not an IP address (systemd sockets bind addresses, not names)",
-                fix,
-            ) from None
-        if value.startswith("[") != (addr.version == 6):
-            raise ClusterctlError(f"--listen {value!r}: write IPv6 addresses in brackets, IPv4 without", fix)
-        host = str(addr)
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise ClusterctlError(f"--listen {value!r}: port must be a number from 1 to 65535", fix)
-    return Listen("tcp", host=host, port=int(port_s))
+    return parse_address(value, "--listen")
 
 
 def parse_workers(value: str, budget: CpuBudget | None = None) -> tuple[int, CpuBudget | None]:
@@ -442,9 +378,8 @@ def parse_task(task: str | None, every: str | None) -> tuple[str | None, str | N
     if task is None or every is None:
         raise ClusterctlError("--every and --task go together",
                               "pass both, e.g. --every 10s --task myproject.tasks:count_users")
-    if not APP_RE.match(task):
-        raise ClusterctlError(f"--task {task!r} is not MODULE:FUNC",
-                              "name a module and a function returning a JSON object, e.g. --task myproject.tasks:count_users")
+    appspec.parse(task, "--task", form="MODULE:FUNC", fix="name a module and a function returning a JSON object, e.g. "
+                  "--task myproject.tasks:count_users")
     try:
         seconds = timespan_seconds(every)
     except ValueError:

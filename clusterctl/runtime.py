@@ -18,16 +18,14 @@ Order of events, and why:
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
 import socket
 import sys
-import traceback
 from typing import Any
 
-from clusterctl import asgi, handover, messaging, notify, statusline
+from clusterctl import appspec, asgi, handover, messaging, notify, probe, statusline
 from clusterctl.accesslog import AccessLog, LogHandler
 from clusterctl.engine import Server, WSGIApp, hide_running_loop
 from clusterctl.errors import ClusterctlError
@@ -67,36 +65,7 @@ class WxHint(logging.Filter):
 
 def load_app(spec: str) -> WSGIApp:
     """Import MODULE:CALLABLE (CALLABLE defaults to `app`), the current directory first on sys.path."""
-    module_name, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if not module_name:
-        raise ClusterctlError(f"--app {spec!r} names no module", "write it as MODULE:CALLABLE, e.g. myapp:app")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ClusterctlError(
-                f"cannot import module {module_name!r} from {cwd}",
-                "run from the project directory (WorkingDirectory= in the unit) or fix --app") from e
-        raise ClusterctlError(f"importing {module_name!r} failed: {e}",
-                              "install the missing dependency into the app's environment") from e
-    except Exception as e:
-        traceback.print_exc()
-        raise ClusterctlError(f"importing {module_name!r} raised {type(e).__name__}: {e}",
-                              WX_FIX if needs_wx(e) else "fix the error in the app (traceback above)") from e
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise ClusterctlError(f"module {module_name!r} has no attribute {attr!r}",
-                                  "point --app at the WSGI or ASGI app, e.g. myapp:app") from e
-    if not callable(obj):
-        raise ClusterctlError(f"{spec} is a {type(obj).__name__}, not callable", "point --app at the WSGI or ASGI app")
-    return obj
+    return appspec.load(spec, os.getcwd(), default_attr="app", fix_for=lambda e: WX_FIX if needs_wx(e) else None)
 
 
 def take_sockets(cfg: WorkerConfig) -> list[Any]:
@@ -241,7 +210,7 @@ class Runtime:
         while not self.draining:
             attempt += 1
             answer = await self._probe(path)
-            if answer.startswith("2"):
+            if probe.healthy(answer):
                 log.info("ready: GET %s answered %s", path, answer)
                 return
             if attempt == 1 or attempt % 20 == 0:
@@ -257,16 +226,14 @@ class Runtime:
         try:
             transport, _ = await loop.connect_accepted_socket(self.server.protocol, ours)
             theirs.setblocking(False)
-            await loop.sock_sendall(theirs, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                                    .encode())
+            await loop.sock_sendall(theirs, probe.request(path))
             head = b""
             while b"\r\n" not in head:
                 chunk = await asyncio.wait_for(loop.sock_recv(theirs, 4096), timeout)
                 if not chunk:
                     break
                 head += chunk
-            line = head.partition(b"\r\n")[0].decode("latin-1")
-            return line.partition(" ")[2] or "no response"
+            return probe.answer(head)
         except (OSError, TimeoutError) as e:
             return f"no response ({e or type(e).__name__})"
         finally:
