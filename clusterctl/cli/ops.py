@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from clusterctl import config, converge, ops, registry
+from clusterctl import config, converge, forwarder, ops, registry
 from clusterctl import generate as gen
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
@@ -55,7 +55,7 @@ def names_here(name: str | None, command: str) -> list[str]:
 def _check_host_port(port: int, sandbox: str) -> None:
     """Fail before anything starts if the host port a sandboxed cluster is forwarded to is taken
     (a forwarder of this same sandbox holding it is fine: `up` replaces it)."""
-    if sb.is_running(sandbox) and (sb.state_dir(sandbox) / f"forward-{port}.pid").exists():
+    if sb.is_running(sandbox) and forwarder.pidfile(sandbox, port).exists():
         return
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -155,13 +155,13 @@ def _up_one(plan: Plan, use_sandbox: bool | None, sandbox_name: str | None, host
     for address in plan.listen:
         if sandboxed and address.kind == "tcp":
             port = host_port or int(address.port or 0)
-            sb.unforward(box, port)
-            sb.forward(box, port, int(address.port or 0))
+            forwarder.unforward(box, port)
+            forwarder.forward(box, port, int(address.port or 0))
             urls.append(f"http://127.0.0.1:{port}/ (forwarded into sandbox {box})")
         else:
             urls.append(address.url)
     for old in set(record.forwards if record and record.sandbox == box else ()) - {hp for hp, _ in ports}:
-        sb.unforward(box, old)
+        forwarder.unforward(box, old)
     for url in urls:
         click.echo(f"serving {plan.app} on {url}")
     _print_status(ops.status(sd, name))
@@ -195,7 +195,7 @@ def _down_one(name: str, sandbox: str | None, user_manager: bool) -> None:
     if box and record is not None:
         for port in record.forwards:
             with contextlib.suppress(ClusterctlError):
-                sb.unforward(box, port)
+                forwarder.unforward(box, port)
     others = [r for r in registry.records() if r.name != name and r.where == "sandbox" and r.sandbox == box]
     if box and not others and ((record is not None and record.booted_sandbox) or (record is None and box == name)):
         sb.down(box, missing_ok=True)
