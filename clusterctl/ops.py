@@ -105,7 +105,8 @@ def installed(sd: Systemd, name: str) -> Installed:
 
 # --- install / uninstall ---------------------------------------------------------------------------
 
-def _manifest(sd: Systemd, name: str) -> Path:
+def manifest(sd: Systemd, name: str) -> Path:
+    """The install manifest: the files install wrote (uninstall removes exactly those)."""
     return sd.path(sd.state_dir) / f"{name}.json"
 
 
@@ -139,17 +140,17 @@ def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = Fa
         tmp.write_text(f.read_text())
         tmp.replace(dest)
         written.append(f"{sd.unit_dir}/{f.name}")
-    manifest = _manifest(sd, name)
+    manifest_path = manifest(sd, name)
     # files an earlier install wrote that this one does not (a task dropped, the other socket layout): gone
-    previous = json.loads(manifest.read_text()).get("files", []) if manifest.is_file() else []
+    previous = json.loads(manifest_path.read_text()).get("files", []) if manifest_path.is_file() else []
     stale = [f for f in previous if f not in written]
     if stale:  # a template's instances by glob (NAME-listen@*.socket)
         sd.systemctl("stop", *(Path(f).name.replace("@.", "@*.") for f in stale), check=False)
     for f in stale:
         sd.path(f).unlink(missing_ok=True)
         progress(f"removed {f}")
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"name": name, "files": written, "unit_dir": sd.unit_dir}, indent=2) + "\n")
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps({"name": name, "files": written, "unit_dir": sd.unit_dir}, indent=2) + "\n")
     for w in written:
         progress(f"installed {w}")
     sd.systemctl("daemon-reload")
@@ -166,11 +167,11 @@ def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     check_name(name)
     sd.require_root()
     sd.check()
-    manifest = _manifest(sd, name)
-    if not manifest.is_file():
+    manifest_path = manifest(sd, name)
+    if not manifest_path.is_file():
         raise ClusterctlError(f"cluster {name!r} was not installed by clusterctl in {sd.where} (no {sd.state_dir}/{name}.json)",
                               "check the name with `systemctl list-units '*.target'`")
-    files = json.loads(manifest.read_text())["files"]
+    files = json.loads(manifest_path.read_text())["files"]
     sd.systemctl("disable", "--now", UnitNames(name).target, check=False)
     units = _loaded_units(sd, name)
     if units:
@@ -180,7 +181,7 @@ def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     for f in files:
         sd.path(f).unlink(missing_ok=True)
         progress(f"removed {f}")
-    manifest.unlink()
+    manifest_path.unlink()
     rollout.forget(sd, name)
     sd.systemctl("daemon-reload")
     if units:
@@ -208,6 +209,15 @@ def stop_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
         installed(sd, name)
     sd.systemctl("stop", *dict.fromkeys([UnitNames(name).target, *_loaded_units(sd, name)]))
     progress(f"{name}: stopped")
+
+
+def restart_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
+    """Restart every worker at once: lossless (the socket stays open), each READY before it counts."""
+    sd.check()
+    inst = installed(sd, name)
+    t0 = time.monotonic()
+    sd.systemctl("restart", *[inst.service(i) for i in inst.instances])
+    progress(f"{name}: {inst.workers} workers restarted and READY in {time.monotonic() - t0:.2f}s")
 
 
 def _loaded_units(sd: Systemd, name: str) -> list[str]:
