@@ -84,16 +84,21 @@ def is_installed(sd: Systemd, name: str) -> bool:
     return (sd.path(sd.unit_dir) / UnitNames(name).target).is_file()
 
 
+def require_installed(sd: Systemd, name: str) -> UnitNames:
+    """The cluster's unit names, or an error saying it is not installed there (its target missing)."""
+    units = UnitNames(check_name(name))
+    if not is_installed(sd, name):
+        raise ClusterctlError(f"cluster {name!r} is not installed in {sd.where} ({sd.unit_dir}/{units.target} missing)",
+                              f"install it first: clusterctl install units/{name}")
+    return units
+
+
 def installed(sd: Systemd, name: str) -> Installed:
     """The installed cluster's plan, read from the file install put beside its units, or say why there is none.
 
     Units installed by a clusterctl that did not keep the plan (before NAME.plan.json) are not read back
     from their text: the error names the one step that writes the plan (`up` again, or generate + install)."""
-    check_name(name)
-    units = UnitNames(name)
-    if not is_installed(sd, name):
-        raise ClusterctlError(f"cluster {name!r} is not installed in {sd.where} ({sd.unit_dir}/{units.target} missing)",
-                              f"install it first: clusterctl install units/{name}")
+    units = require_installed(sd, name)
     path = sd.path(sd.unit_dir) / units.plan_file
     if not path.is_file():
         raise ClusterctlError(
@@ -204,16 +209,13 @@ def start_cluster(sd: Systemd, name: str, *, timeout: float = 120, progress: Pro
 
 def stop_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     """Stop the target, every instance (each drains first) and the socket(s)."""
-    check_name(name)
-    if not is_installed(sd, name):  # no plan needed: stopping works on units of any clusterctl
-        installed(sd, name)
-    sd.systemctl("stop", *dict.fromkeys([UnitNames(name).target, *_loaded_units(sd, name)]))
+    units = require_installed(sd, name)  # no plan needed: stopping works on units of any clusterctl
+    sd.systemctl("stop", *dict.fromkeys([units.target, *_loaded_units(sd, name)]))
     progress(f"{name}: stopped")
 
 
 def restart_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     """Restart every worker at once: lossless (the socket stays open), each READY before it counts."""
-    sd.check()
     inst = installed(sd, name)
     t0 = time.monotonic()
     sd.systemctl("restart", *[inst.service(i) for i in inst.instances])

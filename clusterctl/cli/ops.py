@@ -33,6 +33,13 @@ def _sd(sandbox: str | None, user_manager: bool) -> Systemd:
     return Systemd(sandbox=sandbox, user=user_manager)
 
 
+def _checked(name: str, sandbox: str | None, user_manager: bool, doing: str) -> Systemd:
+    """Where cluster NAME runs (registry.locate), its manager answering."""
+    sd = registry.locate(name, sandbox, user_manager, doing=doing)
+    sd.check()
+    return sd
+
+
 def names_here(name: str | None, command: str) -> list[str]:
     """NAME, or with none given every app of the clusterctl.toml in this directory."""
     if name:
@@ -130,9 +137,7 @@ def uninstall(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def start(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Start cluster NAME and wait until every worker is READY."""
-    sd = registry.locate(name, sandbox, user_manager, doing="start")
-    sd.check()
-    ops.start_cluster(sd, name, progress=click.echo)
+    ops.start_cluster(_checked(name, sandbox, user_manager, "start"), name, progress=click.echo)
 
 
 @cli.command()
@@ -140,9 +145,7 @@ def start(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def stop(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Stop cluster NAME: workers drain in-flight requests, then the socket closes."""
-    sd = registry.locate(name, sandbox, user_manager, doing="stop")
-    sd.check()
-    ops.stop_cluster(sd, name, progress=click.echo)
+    ops.stop_cluster(_checked(name, sandbox, user_manager, "stop"), name, progress=click.echo)
 
 
 @cli.command()
@@ -150,7 +153,7 @@ def stop(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def restart(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Restart every worker at once (lossless: the socket stays open). Prefer `reload` for deploys."""
-    ops.restart_cluster(registry.locate(name, sandbox, user_manager, doing="restart"), name, progress=click.echo)
+    ops.restart_cluster(_checked(name, sandbox, user_manager, "restart"), name, progress=click.echo)
 
 
 # --- status -------------------------------------------------------------------------------------------
