@@ -1,12 +1,14 @@
 """Day-to-day operations on an installed cluster, PM2-style: install, status, rolling reload, scale, logs.
 
 Everything is thin over systemctl and journalctl through a `Systemd` (host, user manager or sandbox).
-The installed units are the source of truth: the worker count is the target's Wants= lines, the listen
-addresses are the socket's ListenStream= lines, and install keeps a manifest of the files it wrote.
+The plan the units were rendered from (NAME.plan.json, installed beside them) is the source of truth:
+operations read the worker count and addresses from it and re-render from it (scale), never parse unit
+files; install keeps a manifest of the files it wrote.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,10 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clusterctl import messaging, proc, rollout
+from clusterctl import generate as gen
+from clusterctl import messaging, probe, proc, rollout, statusline
 from clusterctl.errors import ClusterctlError, CommandError
-from clusterctl.plan import NAME_RE, socket_unit
+from clusterctl.plan import NAME_RE, Plan, plan_from_json
 from clusterctl.systemd import Systemd
+from clusterctl.unitnames import UnitNames
 
 Progress = Callable[[str], None]
 
@@ -32,23 +36,41 @@ SOCKET_PROPS = ("Id", "ActiveState", "SubState", "Listen", "NAccepted", "NConnec
 
 @dataclass(frozen=True)
 class Installed:
-    """An installed cluster, read back from its unit files."""
+    """An installed cluster: the plan its units were rendered from (NAME.plan.json beside them)."""
 
-    name: str
+    plan: Plan
     unit_dir: str
-    workers: int
-    balance: str
-    listen: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def workers(self) -> int:
+        return self.plan.workers
+
+    @property
+    def balance(self) -> str:
+        return self.plan.balance
+
+    @property
+    def listen(self) -> tuple[str, ...]:
+        """ListenStream= values of the socket unit(s)."""
+        return tuple(a.unit_value for a in self.plan.listen)
+
+    @property
+    def units(self) -> UnitNames:
+        return self.plan.units
 
     @property
     def instances(self) -> list[int]:
-        return list(range(1, self.workers + 1))
+        return self.plan.instances
 
-    def service(self, i: int) -> str:
-        return f"{self.name}@{i}.service"
+    def service(self, i: int | str) -> str:
+        return self.units.service(i)
 
     def socket(self, i: int) -> str:
-        return socket_unit(self.name, self.balance, i)
+        return self.units.socket(i)
 
 
 def check_name(name: str) -> str:
@@ -57,25 +79,39 @@ def check_name(name: str) -> str:
     return name
 
 
-def installed(sd: Systemd, name: str) -> Installed:
-    """Read the cluster's installed units, or say it is not installed."""
-    check_name(name)
-    unit_dir = sd.path(sd.unit_dir)
-    target = unit_dir / f"{name}.target"
-    if not target.is_file():
-        raise ClusterctlError(f"cluster {name!r} is not installed in {sd.where} ({sd.unit_dir}/{name}.target missing)",
+def is_installed(sd: Systemd, name: str) -> bool:
+    """Whether cluster `name` has units in the manager's unit dir (its target)."""
+    return (sd.path(sd.unit_dir) / UnitNames(name).target).is_file()
+
+
+def require_installed(sd: Systemd, name: str) -> UnitNames:
+    """The cluster's unit names, or an error saying it is not installed there (its target missing)."""
+    units = UnitNames(check_name(name))
+    if not is_installed(sd, name):
+        raise ClusterctlError(f"cluster {name!r} is not installed in {sd.where} ({sd.unit_dir}/{units.target} missing)",
                               f"install it first: clusterctl install units/{name}")
-    wants = re.findall(rf"^Wants={re.escape(name)}@(\d+)\.service$", target.read_text(), re.M)
-    shared = unit_dir / f"{name}.socket"
-    balance = "shared" if shared.is_file() else "reuseport"
-    sock = shared if shared.is_file() else unit_dir / socket_unit(name, "reuseport")
-    listen = tuple(re.findall(r"^ListenStream=(.+)$", sock.read_text(), re.M)) if sock.is_file() else ()
-    return Installed(name, sd.unit_dir, len(wants), balance, listen)
+    return units
+
+
+def installed(sd: Systemd, name: str) -> Installed:
+    """The installed cluster's plan, read from the file install put beside its units, or say why there is none.
+
+    Units installed by a clusterctl that did not keep the plan (before NAME.plan.json) are not read back
+    from their text: the error names the one step that writes the plan (`up` again, or generate + install)."""
+    units = require_installed(sd, name)
+    path = sd.path(sd.unit_dir) / units.plan_file
+    if not path.is_file():
+        raise ClusterctlError(
+            f"cluster {name!r} was installed by an older clusterctl that did not keep its plan ({sd.unit_dir}/"
+            f"{units.plan_file} missing)", f"install its units again: `clusterctl up` with its options (add --force), "
+            f"or `clusterctl generate ... --force` and `clusterctl install units/{name}`")
+    return Installed(plan_from_json(path.read_text(), f"{sd.unit_dir}/{units.plan_file}"), sd.unit_dir)
 
 
 # --- install / uninstall ---------------------------------------------------------------------------
 
-def _manifest(sd: Systemd, name: str) -> Path:
+def manifest(sd: Systemd, name: str) -> Path:
+    """The install manifest: the files install wrote (uninstall removes exactly those)."""
     return sd.path(sd.state_dir) / f"{name}.json"
 
 
@@ -94,9 +130,8 @@ def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = Fa
             progress: Progress = print) -> list[str]:
     """Copy a generated unit directory into the manager's unit dir, daemon-reload, enable/start the target."""
     name = source_name(source)
-    files = sorted(p for p in source.iterdir()
-                   if p.is_file() and p.name.startswith((f"{name}.", f"{name}@.", f"{name}-listen@.",
-                                                         f"{name}-task.")))  # messaging: the periodic task
+    units = UnitNames(name)
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.name.startswith(units.prefixes))
     sd.require_root()
     sd.check()
     unit_dir = sd.path(sd.unit_dir)
@@ -104,29 +139,29 @@ def install(sd: Systemd, source: Path, *, enable: bool = False, start: bool = Fa
     written = []
     for f in files:
         dest = unit_dir / f.name
-        if f.name == f"{name}@.service":  # in-place reload: remember what only a restart applies
+        if f.name == units.service():  # in-place reload: remember what only a restart applies
             rollout.note_install(sd, name, dest.read_text() if dest.is_file() else None, f.read_text())
         tmp = dest.with_name(f".{f.name}.tmp")
         tmp.write_text(f.read_text())
         tmp.replace(dest)
         written.append(f"{sd.unit_dir}/{f.name}")
-    manifest = _manifest(sd, name)
+    manifest_path = manifest(sd, name)
     # files an earlier install wrote that this one does not (a task dropped, the other socket layout): gone
-    previous = json.loads(manifest.read_text()).get("files", []) if manifest.is_file() else []
+    previous = json.loads(manifest_path.read_text()).get("files", []) if manifest_path.is_file() else []
     stale = [f for f in previous if f not in written]
     if stale:  # a template's instances by glob (NAME-listen@*.socket)
         sd.systemctl("stop", *(Path(f).name.replace("@.", "@*.") for f in stale), check=False)
     for f in stale:
         sd.path(f).unlink(missing_ok=True)
         progress(f"removed {f}")
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"name": name, "files": written, "unit_dir": sd.unit_dir}, indent=2) + "\n")
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps({"name": name, "files": written, "unit_dir": sd.unit_dir}, indent=2) + "\n")
     for w in written:
         progress(f"installed {w}")
     sd.systemctl("daemon-reload")
     if enable:
-        sd.systemctl("enable", f"{name}.target")
-        progress(f"enabled {name}.target (starts at boot)")
+        sd.systemctl("enable", units.target)
+        progress(f"enabled {units.target} (starts at boot)")
     if start:
         start_cluster(sd, name, progress=progress)
     return written
@@ -137,14 +172,13 @@ def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     check_name(name)
     sd.require_root()
     sd.check()
-    manifest = _manifest(sd, name)
-    if not manifest.is_file():
+    manifest_path = manifest(sd, name)
+    if not manifest_path.is_file():
         raise ClusterctlError(f"cluster {name!r} was not installed by clusterctl in {sd.where} (no {sd.state_dir}/{name}.json)",
                               "check the name with `systemctl list-units '*.target'`")
-    files = json.loads(manifest.read_text())["files"]
-    sd.systemctl("disable", "--now", f"{name}.target", check=False)
-    units = [*sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.*"), *sd.list_units(socket_unit(name, "reuseport", "*")),
-             *sd.list_units(f"{name}-task.*")]  # messaging: the periodic task
+    files = json.loads(manifest_path.read_text())["files"]
+    sd.systemctl("disable", "--now", UnitNames(name).target, check=False)
+    units = _loaded_units(sd, name)
     if units:
         sd.systemctl("stop", *units, check=False)
     # messaging: RuntimeDirectoryPreserve=yes keeps /run/NAME (sockets, state.json) past stop; uninstall clears it
@@ -152,7 +186,7 @@ def uninstall(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     for f in files:
         sd.path(f).unlink(missing_ok=True)
         progress(f"removed {f}")
-    manifest.unlink()
+    manifest_path.unlink()
     rollout.forget(sd, name)
     sd.systemctl("daemon-reload")
     if units:
@@ -166,7 +200,7 @@ def start_cluster(sd: Systemd, name: str, *, timeout: float = 120, progress: Pro
     inst = installed(sd, name)
     t0 = time.monotonic()
     try:
-        sd.systemctl("start", f"{name}.target", *[inst.service(i) for i in inst.instances], timeout=timeout)
+        sd.systemctl("start", inst.units.target, *[inst.service(i) for i in inst.instances], timeout=timeout)
     except CommandError as e:
         raise ClusterctlError(f"{name}: not every instance came up:\n{_failing(sd, inst) or e.message}",
                               f"see the worker's log: clusterctl logs {name} -n 50") from e
@@ -175,11 +209,22 @@ def start_cluster(sd: Systemd, name: str, *, timeout: float = 120, progress: Pro
 
 def stop_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
     """Stop the target, every instance (each drains first) and the socket(s)."""
-    installed(sd, name)
-    units = [f"{name}.target", *sd.list_units(f"{name}@*"), *sd.list_units(f"{name}.socket"),
-             *sd.list_units(socket_unit(name, "reuseport", "*")), *sd.list_units(f"{name}-task.*")]
-    sd.systemctl("stop", *units)
+    units = require_installed(sd, name)  # no plan needed: stopping works on units of any clusterctl
+    sd.systemctl("stop", *dict.fromkeys([units.target, *_loaded_units(sd, name)]))
     progress(f"{name}: stopped")
+
+
+def restart_cluster(sd: Systemd, name: str, *, progress: Progress = print) -> None:
+    """Restart every worker at once: lossless (the socket stays open), each READY before it counts."""
+    inst = installed(sd, name)
+    t0 = time.monotonic()
+    sd.systemctl("restart", *[inst.service(i) for i in inst.instances])
+    progress(f"{name}: {inst.workers} workers restarted and READY in {time.monotonic() - t0:.2f}s")
+
+
+def _loaded_units(sd: Systemd, name: str) -> list[str]:
+    """Every unit of the cluster systemd has loaded (workers, sockets, target, the periodic task)."""
+    return list(dict.fromkeys(u for pattern in UnitNames(name).globs for u in sd.list_units(pattern)))
 
 
 def _failing(sd: Systemd, inst: Installed) -> str:
@@ -275,25 +320,6 @@ _PROM_METRICS: list[tuple[str, str, str, Callable[[InstanceStatus], float | None
 ]
 
 
-def parse_status_text(text: str) -> tuple[int | None, int | None, int | None]:
-    """(requests served, in flight, errors) from the runtime's STATUS= line."""
-    def grab(*patterns: str) -> int | None:
-        for p in patterns:
-            m = re.search(p, text)
-            if m:
-                return int(m.group(1))
-        return None
-    return (grab(r"(\d+) (?:requests|served)", r"requests[=: ](\d+)", r"served[=: ](\d+)"),
-            grab(r"(\d+) in[ -]flight", r"in[_ -]?flight[=: ](\d+)"),
-            grab(r"(\d+) errors?", r"errors?[=: ](\d+)"))
-
-
-def parse_websockets(text: str) -> int | None:
-    """Open WebSockets from the STATUS= line (`..., websockets 3`), None where the worker reports none."""
-    m = re.search(r"websockets[=: ](\d+)|(\d+) websockets", text)
-    return int(m.group(1) or m.group(2)) if m else None
-
-
 def _int(value: str | None) -> int | None:
     try:
         v = int(value or "")
@@ -316,7 +342,7 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
     """One row per instance from systemd's own accounting, plus the runtime's STATUS= counters."""
     sd.check()
     inst = installed(sd, name)
-    units = sorted(set(sd.list_units(f"{name}@*.service")) | {inst.service(i) for i in inst.instances},
+    units = sorted(set(sd.list_units(inst.units.service("*"))) | {inst.service(i) for i in inst.instances},
                    key=lambda u: (len(u), u))
     rows = sd.show(units, SERVICE_PROPS)
     sockets = sd.show(sorted({inst.socket(i) for i in inst.instances}), SOCKET_PROPS)
@@ -346,8 +372,8 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             except OSError:
                 mem = None
         text = r.get("StatusText", "")
-        req, fl, err = parse_status_text(text)
-        instance = r["Id"].removeprefix(f"{name}@").removesuffix(".service")
+        counters = statusline.parse(text)
+        instance = inst.units.instance_of(r["Id"])
         why = ""
         if (r.get("ActiveState"), r.get("SubState")) != ("active", "running") and r.get("LoadState") == "loaded":
             tail = sd.journalctl("-u", r["Id"], "-n", "20", "-o", "cat").strip().splitlines()
@@ -361,9 +387,10 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             instance=instance, unit=r["Id"], pid=pid, state=r.get("ActiveState", "?"), sub_state=r.get("SubState", "?"),
             uptime_s=round(uptime, 1) if uptime is not None else None, restarts=_int(r.get("NRestarts")) or 0,
             cpu_s=round(cpu_s, 2) if cpu_s is not None else None, cpu_pct=pct, memory_bytes=mem,
-            requests=req, in_flight=fl, errors=err, status_text=text,
+            requests=counters.get("served"), in_flight=counters.get("in_flight"), errors=counters.get("errors"),
+            status_text=text,
             configured=instance.isdigit() and int(instance) in inst.instances, why=why,
-            websockets=parse_websockets(text), reloads=int(reloads.get(instance, {}).get("count", 0)),
+            websockets=counters.get("websockets"), reloads=int(reloads.get(instance, {}).get("count", 0)),
             last_reload=reloads.get(instance, {}).get("last")))
     out.task = _task_status(sd, name)
     return out
@@ -371,9 +398,10 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
 
 def _task_status(sd: Systemd, name: str) -> str:
     """messaging: one line about NAME-task.timer and its service's last run, or "" without a task."""
-    if not (sd.path(sd.unit_dir) / f"{name}-task.timer").is_file():
+    units = UnitNames(name)
+    if not (sd.path(sd.unit_dir) / units.task_timer).is_file():
         return ""
-    timer, service = sd.show([f"{name}-task.timer", f"{name}-task.service"],
+    timer, service = sd.show([units.task_timer, units.task_service],
                              ("Id", "ActiveState", "SubState", "LastTriggerUSec", "Result"))
     last = timer.get("LastTriggerUSec") or ""
     return (f"{timer.get('Id')} {timer.get('ActiveState')}/{timer.get('SubState')}; last run "
@@ -389,12 +417,10 @@ def _main_pid(sd: Systemd, unit: str) -> int:
 
 def health_check(sd: Systemd, inst: Installed, path: str, timeout: float = 5.0) -> tuple[bool, str]:
     """GET path through the cluster's socket (the way clients come in); 2xx is healthy."""
-    if not inst.listen:
-        return False, "no listen address in the socket unit"
-    address = inst.listen[0]
+    address = inst.plan.listen[0]  # a plan always has one
     try:
         with sd.connect(address, timeout=timeout) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(probe.request(path))
             data = b""
             while b"\r\n" not in data:
                 chunk = s.recv(4096)
@@ -402,11 +428,9 @@ def health_check(sd: Systemd, inst: Installed, path: str, timeout: float = 5.0) 
                     break
                 data += chunk
     except OSError as e:
-        return False, f"{address}: {e}"
-    line = data.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = line.split()
-    ok = len(parts) >= 2 and parts[1].startswith("2")
-    return ok, line or "no response"
+        return False, f"{address.unit_value}: {e}"
+    text = probe.answer(data)
+    return probe.healthy(text), text
 
 
 def _wait_health(sd: Systemd, inst: Installed, path: str, timeout: float) -> None:
@@ -453,7 +477,7 @@ def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, heal
         raise ClusterctlError(f"--health-url {health_url!r} must be a path", "e.g. --health-url /health")
     units = [inst.service(i) for i in inst.instances]
     states = {r["Id"]: r.get("ActiveState", "") for r in sd.show(units, ("Id", "ActiveState"))}
-    mechanism, why = rollout.choose(sd, name, sd.path(inst.unit_dir).joinpath(f"{name}@.service").read_text(),
+    mechanism, why = rollout.choose(sd, name, sd.path(inst.unit_dir).joinpath(inst.units.service()).read_text(),
                                     states, how=how, batch=batch, pause=pause)
     progress(f"{name}: {'in-place reload (systemctl reload)' if mechanism == 'reload' else 'rolling restart'}: {why}")
     if mechanism == "reload":
@@ -546,21 +570,16 @@ def parse_scale(spec: str, current: int) -> int:
     return new
 
 
-def _rewrite_target(sd: Systemd, inst: Installed, workers: int) -> None:
-    path = sd.path(inst.unit_dir) / f"{inst.name}.target"
-    lines = [ln for ln in path.read_text().splitlines()
-             if not re.fullmatch(rf"Wants={re.escape(inst.name)}(-listen)?@\d+\.(service|socket)", ln)]
-    at = next(i for i, ln in enumerate(lines) if ln.strip() == "[Install]")
-    while at > 0 and not lines[at - 1].strip():
-        at -= 1
-    wants = [f"Wants={inst.socket(i)}" for i in range(1, workers + 1)] if inst.balance == "reuseport" else []
-    wants += [f"Wants={inst.name}@{i}.service" for i in range(1, workers + 1)]
-    lines[at:at] = wants
-    text = "\n".join(lines) + "\n"
-    text = re.sub(r"^(Description=.*: )\d+( workers of .*)$", rf"\g<1>{workers}\g<2>", text, flags=re.M)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _install_count(sd: Systemd, plan: Plan, workers: int) -> None:
+    """Re-render the target (its Wants= are the worker count systemd starts at boot) and the plan file for
+    `workers`, and put both in place of the installed ones; the other units do not depend on the count."""
+    scaled = dataclasses.replace(plan, workers=workers)
+    files = gen.render(scaled)
+    unit_dir = sd.path(sd.unit_dir)
+    for fname in (scaled.units.target, scaled.units.plan_file):
+        tmp = unit_dir / f".{fname}.tmp"
+        tmp.write_text(files[fname])
+        tmp.replace(unit_dir / fname)
 
 
 def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: Progress = print) -> int:
@@ -572,7 +591,7 @@ def scale(sd: Systemd, name: str, spec: str, *, timeout: float = 120, progress: 
     if new == inst.workers:
         progress(f"{name}: already {new} workers")
         return new
-    _rewrite_target(sd, inst, new)
+    _install_count(sd, inst.plan, new)
     sd.systemctl("daemon-reload")
     resize(sd, inst, new, timeout=timeout, progress=progress)
     return new
@@ -587,7 +606,7 @@ def resize(sd: Systemd, inst: Installed, new: int, *, timeout: float = 120, prog
         try:
             sd.systemctl("start", *units, timeout=timeout)
         except CommandError as e:
-            _rewrite_target(sd, installed(sd, name), inst.workers)
+            _install_count(sd, inst.plan, inst.workers)
             sd.systemctl("daemon-reload")
             sd.systemctl("stop", *units, check=False)
             raise ClusterctlError(f"{name}: new instances did not come up: {_unit_failure(sd, units[0]) or e.message}; "
@@ -622,7 +641,7 @@ def logs(sd: Systemd, name: str, *, follow: bool = False, lines: int | None = 50
     if instance is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", instance):
         raise ClusterctlError(f"--instance {instance!r} is not an instance name", "e.g. --instance 2")
     if instance is not None and instance not in map(str, inst.instances) and not sd.journalctl(
-            "-q", "-n", "1", "-o", "cat", "-u", f"{name}@{instance}.service").strip():
+            "-q", "-n", "1", "-o", "cat", "-u", inst.service(instance)).strip():
         raise ClusterctlError(f"{name} has no instance {instance} (it runs {inst.workers}) and none ever logged",
                               f"pick one of 1-{inst.workers}, see clusterctl status {name}")
     if since:
@@ -630,7 +649,7 @@ def logs(sd: Systemd, name: str, *, follow: bool = False, lines: int | None = 50
         if r.returncode != 0:
             raise ClusterctlError(f"--since {since!r} is not a time journalctl understands",
                                   "e.g. --since '10 min ago', --since today, --since '2026-11-30 12:00:00'")
-    pattern = f"{name}@{instance}.service" if instance else f"{name}@*.service"
+    pattern = inst.units.service(instance or "*")
     args = ["-u", pattern, "-o", "json", "--output-fields=" + ",".join(
         ("MESSAGE", "_SYSTEMD_UNIT", "UNIT", "__REALTIME_TIMESTAMP", "_PID", "PRIORITY", *LOG_FIELDS))]
     if lines is not None:
@@ -654,7 +673,7 @@ def logs(sd: Systemd, name: str, *, follow: bool = False, lines: int | None = 50
             msg = bytes(msg).decode("utf-8", "replace")
         if not unit.startswith(f"{name}@") and entry.get("UNIT"):  # systemd's own line about the unit
             unit, msg = entry["UNIT"], f"systemd: {msg}"
-        inst_id = unit.removeprefix(f"{name}@").removesuffix(".service") or "?"
+        inst_id = inst.units.instance_of(unit) or "?"
         ts = int(entry.get("__REALTIME_TIMESTAMP", 0)) / 1e6
         if as_json:
             record = {"instance": inst_id, "unit": unit, "time": ts, "pid": entry.get("_PID"), "message": msg}

@@ -7,7 +7,6 @@ the fix. Rendering (generate.py) and later operations read only the plan, never 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import pwd
@@ -15,12 +14,17 @@ import re
 import shlex
 import stat
 import sys
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
+from clusterctl import appspec
+from clusterctl.address import Address
+from clusterctl.address import parse as parse_address
 from clusterctl.cores import CpuBudget, usable_cpus
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.proc import run
+from clusterctl.unitnames import UnitNames
 from clusterctl.worker.options import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
 
 Balance = Literal["shared", "reuseport"]
@@ -29,8 +33,6 @@ PROTECT_HOME: tuple[str, ...] = ("no", "read-only", "tmpfs", "yes")
 # What ProtectHome= hides or freezes: the interpreter, app and --rw-path must not lie under it.
 HOME_DIRS = ("/home", "/root", "/run/user")
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-APP_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
 # Unit names allow more, but this set needs no escaping anywhere (paths, journal fields, shell).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -51,32 +53,132 @@ WS_PING_TIMEOUT: float = _WORKER.ws_ping_timeout
 TIMEOUT = int(_WORKER.timeout)  # the worker's --timeout: a request's app code running longer replaces the worker
 
 
+Listen = Address  # one address the socket unit listens on (clusterctl.address)
+
+
 @dataclass(frozen=True)
-class Listen:
-    """One address the socket unit listens on."""
+class OptionSpec:
+    """How one plan option is spelt: its click option (command line, clusterctl.toml) and its words in the
+    units' header. The field of `PlanOptions` carrying it gives the key and the default."""
 
-    kind: Literal["tcp", "unix"]
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
+    flag: str  # "--memory-max"; a switch "--harden/--no-harden", or "--allow-wx" alone
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    bytes: bool = False  # a size in bytes with K, M or G allowed
+    show_default: bool = False
+    # The header: the Plan attribute that holds the value ("" for none: not in the header), written always or
+    # only where it differs from the default; `words` writes it otherwise.
+    attr: str | None = None
+    always: bool = False
+    words: Callable[[Any], list[str]] | None = None
 
-    @property
-    def unit_value(self) -> str:
-        """The value for ListenStream=."""
-        if self.kind == "unix":
-            return str(self.path)
-        if self.host is None:
-            return str(self.port)
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    @property
-    def url(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = self.host or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+def _opt(default: Any, flag: str, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"option": OptionSpec(flag, help, **spec)})
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Every option that makes a Plan, in the order the units' header names them: the one table from which
+    `generate`/`up`'s click options, build_plan's keywords and the header's command line all come. Values
+    are as given (strings, before validation); a new option is one field here, plus its use in build_plan."""
+
+    app: str | None = _opt(None, "--app", "The WSGI/ASGI app, e.g. myproject.wsgi:application (default: every app "
+                           "of ./clusterctl.toml).", metavar="MODULE:CALLABLE", always=True)
+    name: str | None = _opt(None, "--name", "Unit name prefix (default: the app module's last part).",
+                            metavar="NAME", always=True)
+    workers: str = _opt("auto", "--workers", "Worker instances; auto = usable CPUs (affinity and cgroup quota).",
+                        metavar="auto|N", show_default=True, always=True)
+    python: str | None = _opt(None, "--python", "Interpreter with the app and clusterctl installed (default: this "
+                              "one).", metavar="PATH", always=True)
+    working_dir: str | None = _opt(None, "--working-dir", "Directory the app is imported from (default: cwd).",
+                                   metavar="DIR", always=True)
+    listen: tuple[str, ...] = _opt((), "--listen", "PORT, IPv4:PORT, [IPv6]:PORT or unix:/path; repeatable (default "
+                                   "127.0.0.1:8000).", metavar="ADDR",
+                                   words=lambda plan: [w for a in plan.listen for w in ("--listen", a.spec)])
+    balance: str = _opt("shared", "--balance", "shared: one socket, one queue; reuseport: a socket per worker, "
+                        "kernel-hashed.", choices=("shared", "reuseport"), show_default=True)
+    interface: str = _opt("auto", "--interface", "The app's interface: auto detects WSGI, ASGI 3 or ASGI 2 when the "
+                          "worker imports it.", choices=("auto", "wsgi", "asgi"), show_default=True)
+    user: str | None = _opt(None, "--user", "Run the workers as this user (default: a DynamicUser= per worker).",
+                            metavar="USER")
+    env: tuple[str, ...] = _opt((), "--env", "Environment for the workers; repeatable.", metavar="KEY=VALUE",
+                                words=lambda plan: [w for k, v in plan.env for w in ("--env", f"{k}={v}")])
+    harden: bool = _opt(True, "--harden/--no-harden", "Sandbox the workers (ProtectSystem=strict, no capabilities, "
+                        "syscall filter; see README: Hardening).", show_default=True)
+    protect_home: str | None = _opt(
+        None, "--protect-home", "ProtectHome= (default: yes, or read-only when the app or python lives under /home "
+        "or /root).", choices=PROTECT_HOME,  # written when not the default, also when derived: the same value again
+        words=lambda plan: [] if plan.protect_home == ("yes" if plan.harden else "no")
+        else ["--protect-home", plan.protect_home])
+    rw_path: tuple[str, ...] = _opt((), "--rw-path", "A directory the workers may write (ReadWritePaths=); everything "
+                                    "else is read-only. Repeatable.", metavar="DIR", attr="rw_paths")
+    allow_wx: bool = _opt(False, "--allow-wx", "Drop MemoryDenyWriteExecute= for libraries that need W+X memory "
+                          "(cffi ABI-mode ffi.callback(), JITs).")
+    memory_high: str | None = _opt(None, "--memory-high", "Soft memory limit per worker, reclaimed above "
+                                   "(MemoryHigh=).", metavar="SIZE")
+    memory_max: str | None = _opt(None, "--memory-max", "Hard memory limit per worker (MemoryMax=), e.g. 512M.",
+                                  metavar="SIZE")
+    cpu_quota: str | None = _opt(None, "--cpu-quota", "CPU limit per worker (CPUQuota=), e.g. 150%.", metavar="PCT")
+    tasks_max: str | None = _opt(None, "--tasks-max", "Most threads and processes per worker (TasksMax=), e.g. 64.",
+                                 metavar="N")
+    backlog: int = _opt(BACKLOG, "--backlog", "Listen queue length (Backlog=).", show_default=True)
+    drain_timeout: int = _opt(DRAIN_TIMEOUT, "--drain-timeout", "Seconds a stopping worker may finish in-flight "
+                              "requests.", show_default=True)
+    watchdog_sec: int = _opt(WATCHDOG_SEC, "--watchdog-sec", "Restart a worker whose event loop is blocked this long "
+                             "outside a request's app code (0: off).", show_default=True)
+    timeout: int = _opt(TIMEOUT, "--timeout", "Replace a worker whose request has run app code this long (named in "
+                        "the journal; gunicorn's --timeout).", metavar="SECONDS", show_default=True)
+    worker_args: tuple[str, ...] = _opt(
+        (), "--worker-args", "More worker options for ExecStart=, checked by the worker's parser, e.g. --worker-args "
+        "'--threads 8 --max-requests 1000 --keepalive-timeout 75'; repeatable.", metavar="'OPTIONS'",
+        words=lambda plan: ["--worker-args", shlex.join(plan.worker_args)] if plan.worker_args else [])
+    every: str | None = _opt(None, "--every", "Run --task this often (a systemd time span: 10s, 5min); NAME-task.timer "
+                             "+ NAME-task.service.", metavar="SPAN")
+    task: str | None = _opt(None, "--task", "Periodic primary task: FUNC's returned JSON object is broadcast to every "
+                            "worker (worker.state).", metavar="MODULE:FUNC")
+    ws_max_size: int = _opt(WS_MAX_SIZE, "--ws-max-size", "ASGI WebSockets: largest message (bytes; K, M, G allowed); "
+                            "a larger one closes with 1009.", metavar="BYTES", bytes=True, show_default=True)
+    ws_per_message_deflate: bool = _opt(WS_DEFLATE, "--ws-per-message-deflate/--no-ws-per-message-deflate",
+                                        "ASGI WebSockets: accept permessage-deflate compression when the client "
+                                        "offers it.", show_default=True)
+    ws_ping_interval: float = _opt(WS_PING_INTERVAL, "--ws-ping-interval", "ASGI WebSockets: send a keepalive ping "
+                                   "this often (0: no pings).", metavar="SECONDS", show_default=True)
+    ws_ping_timeout: float = _opt(WS_PING_TIMEOUT, "--ws-ping-timeout", "ASGI WebSockets: close with 1011 when "
+                                  "nothing came back this long after a ping.", metavar="SECONDS", show_default=True)
+    check_import: bool = _opt(True, "--check-import/--no-check-import", "Import the app (and --task) with the target "
+                              "python before writing anything.", show_default=True, attr="")
+
+
+def plan_option_specs() -> list[tuple[str, Any, OptionSpec]]:
+    """(key, default, spec) of every plan option, in the table's order."""
+    return [(f.name, f.default, f.metadata["option"]) for f in fields(PlanOptions)]
+
+
+def _word(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def option_words(plan: Plan) -> list[str]:
+    """The command-line words of every plan option that shaped `plan` (the units' header): those written
+    always, and the others where the plan differs from the option's default."""
+    out: list[str] = []
+    for key, default, spec in plan_option_specs():
+        if spec.words is not None:
+            out += spec.words(plan)
+            continue
+        if spec.attr == "":
+            continue
+        value = getattr(plan, spec.attr or key)
+        on, _, off = spec.flag.partition("/")
+        if isinstance(default, bool):
+            out += [] if value == default else [on if value else off]
+        elif isinstance(default, tuple):
+            out += [w for v in value for w in (on, _word(v))]
+        elif spec.always or (value is not None and value != default):
+            out += [on, _word(value)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -148,20 +250,50 @@ class Plan:
         return out
 
     @property
+    def units(self) -> UnitNames:
+        """The names of this cluster's units and files."""
+        return UnitNames(self.name, self.balance)
+
+    @property
     def stop_timeout(self) -> int:
         """TimeoutStopSec: above the drain deadline so the runtime, not SIGKILL, ends the drain."""
         return self.drain_timeout + 5
 
 
 def socket_unit(name: str, balance: str, instance: int | str | None = None) -> str:
-    """The socket unit of a cluster, or of one instance (`%i` in templates; None: the template file).
+    """The socket unit of a cluster or of one instance (see UnitNames.socket)."""
+    return UnitNames(name, balance).socket(instance)
 
-    Per-instance sockets are named NAME-listen@I.socket, not NAME@I.socket, so that
-    `systemctl restart 'NAME@*'` restarts the workers and never the sockets (a socket restart drops the
-    connections queued on it)."""
-    if balance == "shared":
-        return f"{name}.socket"
-    return f"{name}-listen@{'' if instance is None else instance}.socket"
+
+PLAN_FILE_FORMAT = 1
+
+
+def plan_to_json(plan: Plan) -> str:
+    """The plan as the JSON file kept beside the units (NAME.plan.json): what later operations re-render from,
+    so none of them reads unit files back. Listen addresses as --listen takes them; what the plan does not
+    compare (the CPU reasoning, warnings) is left out."""
+    data: dict[str, Any] = {"format": PLAN_FILE_FORMAT}
+    for f in fields(Plan):
+        if f.compare:
+            value = getattr(plan, f.name)
+            data[f.name] = [a.spec for a in value] if f.name == "listen" else value
+    return json.dumps(data, indent=2) + "\n"
+
+
+def plan_from_json(text: str, where: str) -> Plan:
+    """The Plan of a NAME.plan.json (plan_to_json's), or a ClusterctlError naming the file and the fix."""
+    fix = "regenerate the units (clusterctl up again, or clusterctl generate --force and clusterctl install)"
+    try:
+        data = json.loads(text)
+        if data.pop("format", None) != PLAN_FILE_FORMAT:
+            raise ValueError("an unknown format")
+        known = {f.name for f in fields(Plan) if f.compare}
+        values = {k: tuple(map(tuple, v)) if k == "env" else tuple(v) if isinstance(v, list) else v
+                  for k, v in data.items() if k in known}
+        values["listen"] = tuple(parse_listen(a) for a in data["listen"])
+        return Plan(**values)
+    except (ValueError, TypeError, KeyError, ClusterctlError) as e:
+        raise ClusterctlError(f"{where} is not a plan this clusterctl can read ({e})", fix) from None
 
 
 def dynamic_user_name(name: str) -> str:
@@ -180,11 +312,7 @@ def dynamic_user_name(name: str) -> str:
 
 
 def parse_app(spec: str) -> str:
-    if not APP_RE.match(spec):
-        raise ClusterctlError(
-            f"--app {spec!r} is not MODULE:CALLABLE",
-            "name a module and an attribute, e.g. --app myproject.wsgi:application",
-        )
+    appspec.parse(spec, "--app")
     return spec
 
 
@@ -205,37 +333,7 @@ def default_name(app: str) -> str:
 
 def parse_listen(value: str) -> Listen:
     """`PORT`, `IPv4:PORT`, `[IPv6]:PORT`, or `unix:/abs/path` (or just `/abs/path`)."""
-    fix = "use PORT, 127.0.0.1:8000, [::1]:8000 or unix:/run/NAME.sock"
-    if value.startswith(("unix:", "/")):
-        path = value.removeprefix("unix:")
-        if not path.startswith("/") or "\n" in path or len(path.encode()) > 107:
-            raise ClusterctlError(f"--listen {value!r}: a unix socket needs an absolute path under 108 bytes", fix)
-        return Listen("unix", path=path)
-    host: str | None
-    if value.isdigit():
-        host, port_s = None, value
-    elif value.startswith("["):
-        host, sep, port_s = value[1:].partition("]:")
-        if not sep:
-            raise ClusterctlError(f"--listen {value!r}: an IPv6 address needs the form [ADDR]:PORT", fix)
-    else:
-        host, sep, port_s = value.rpartition(":")
-        if not sep:
-            raise ClusterctlError(f"--listen {value!r} has no port", fix)
-    if host is not None:
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            raise ClusterctlError(
-                f"--listen {value!r}: {host!r} is not an IP address (systemd sockets bind addresses, not names)",
-                fix,
-            ) from None
-        if value.startswith("[") != (addr.version == 6):
-            raise ClusterctlError(f"--listen {value!r}: write IPv6 addresses in brackets, IPv4 without", fix)
-        host = str(addr)
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise ClusterctlError(f"--listen {value!r}: port must be a number from 1 to 65535", fix)
-    return Listen("tcp", host=host, port=int(port_s))
+    return parse_address(value, "--listen")
 
 
 def parse_workers(value: str, budget: CpuBudget | None = None) -> tuple[int, CpuBudget | None]:
@@ -280,9 +378,8 @@ def parse_task(task: str | None, every: str | None) -> tuple[str | None, str | N
     if task is None or every is None:
         raise ClusterctlError("--every and --task go together",
                               "pass both, e.g. --every 10s --task myproject.tasks:count_users")
-    if not APP_RE.match(task):
-        raise ClusterctlError(f"--task {task!r} is not MODULE:FUNC",
-                              "name a module and a function returning a JSON object, e.g. --task myproject.tasks:count_users")
+    appspec.parse(task, "--task", form="MODULE:FUNC", fix="name a module and a function returning a JSON object, e.g. "
+                  "--task myproject.tasks:count_users")
     try:
         seconds = timespan_seconds(every)
     except ValueError:
@@ -591,80 +688,51 @@ def tmp_binds(paths: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def build_plan(
-    *,
-    app: str,
-    name: str | None = None,
-    workers: str = "auto",
-    listen: tuple[str, ...] | list[str] = (),
-    balance: str = "shared",
-    user: str | None = None,
-    working_dir: str | None = None,
-    python: str | None = None,
-    env: tuple[str, ...] | list[str] = (),
-    memory_max: str | None = None,
-    memory_high: str | None = None,
-    cpu_quota: str | None = None,
-    tasks_max: str | None = None,
-    harden: bool = True,
-    rw_path: tuple[str, ...] | list[str] = (),
-    protect_home: str | None = None,
-    allow_wx: bool = False,
-    backlog: int = BACKLOG,
-    drain_timeout: int = DRAIN_TIMEOUT,
-    watchdog_sec: int = WATCHDOG_SEC,
-    timeout: int = TIMEOUT,
-    interface: str = "auto",
-    ws_max_size: int = WS_MAX_SIZE,
-    ws_per_message_deflate: bool = WS_DEFLATE,
-    ws_ping_interval: float = WS_PING_INTERVAL,
-    ws_ping_timeout: float = WS_PING_TIMEOUT,
-    worker_args: tuple[str, ...] | list[str] = (),
-    every: str | None = None,
-    task: str | None = None,
-    check: bool = True,
-    budget: CpuBudget | None = None,
-) -> Plan:
-    """Parse and validate every option; raise on the first bad one. Writes nothing."""
-    app = parse_app(app)
-    name = parse_name(name) if name is not None else default_name(app)
-    n, budget = parse_workers(workers, budget)
-    addresses = tuple(parse_listen(v) for v in listen) or (Listen("tcp", host="127.0.0.1", port=DEFAULT_PORT),)
+def build_plan(*, check: bool = True, budget: CpuBudget | None = None, **options: Any) -> Plan:
+    """Parse and validate every option (PlanOptions' fields, values as the command line gives them); raise on
+    the first bad one. Writes nothing. `check=False` skips the import check, as `check_import=False` does."""
+    o = PlanOptions(**options)
+    if o.app is None:
+        raise ClusterctlError("no app given", "pass --app MODULE:CALLABLE, e.g. --app myproject.wsgi:application")
+    app = parse_app(o.app)
+    name = parse_name(o.name) if o.name is not None else default_name(app)
+    n, budget = parse_workers(o.workers, budget)
+    addresses = tuple(parse_listen(v) for v in o.listen) or (Listen("tcp", host="127.0.0.1", port=DEFAULT_PORT),)
     if len({a.unit_value for a in addresses}) != len(addresses):
         raise ClusterctlError("--listen names the same address twice", "list each address once")
-    if balance not in ("shared", "reuseport"):
-        raise ClusterctlError(f"--balance {balance!r} is not shared or reuseport", "see README: Layouts")
+    if o.balance not in ("shared", "reuseport"):
+        raise ClusterctlError(f"--balance {o.balance!r} is not shared or reuseport", "see README: Layouts")
     unix = [a.path for a in addresses if a.kind == "unix"]
-    if balance == "reuseport" and unix:
+    if o.balance == "reuseport" and unix:
         raise ClusterctlError(f"--balance reuseport with --listen unix:{unix[0]}: the kernel does not spread unix "
                               "socket connections across SO_REUSEPORT sockets, so one worker would get them all",
                               "use --balance shared (the default) for a unix socket, or listen on a TCP address")
-    if not 1 <= backlog <= 65535:
-        raise ClusterctlError(f"--backlog {backlog} is out of range", "use 1-65535 (the kernel caps it at net.core.somaxconn)")
-    if not 1 <= drain_timeout <= 3600:
-        raise ClusterctlError(f"--drain-timeout {drain_timeout} is out of range", "use 1-3600 seconds")
-    if not 0 <= watchdog_sec <= 3600:
-        raise ClusterctlError(f"--watchdog-sec {watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
-    bad_timeout = timeout_problem(timeout)
+    if not 1 <= o.backlog <= 65535:
+        raise ClusterctlError(f"--backlog {o.backlog} is out of range", "use 1-65535 (the kernel caps it at net.core.somaxconn)")
+    if not 1 <= o.drain_timeout <= 3600:
+        raise ClusterctlError(f"--drain-timeout {o.drain_timeout} is out of range", "use 1-3600 seconds")
+    if not 0 <= o.watchdog_sec <= 3600:
+        raise ClusterctlError(f"--watchdog-sec {o.watchdog_sec} is out of range", "use 0 (off) to 3600 seconds")
+    bad_timeout = timeout_problem(o.timeout)
     if bad_timeout:
         raise ClusterctlError(*bad_timeout)
-    if interface not in ("auto", "wsgi", "asgi"):
-        raise ClusterctlError(f"--interface {interface!r} is not auto, wsgi or asgi", "leave it at auto to detect it")
-    bad = ws_problem(ws_max_size, ws_ping_interval, ws_ping_timeout)
+    if o.interface not in ("auto", "wsgi", "asgi"):
+        raise ClusterctlError(f"--interface {o.interface!r} is not auto, wsgi or asgi", "leave it at auto to detect it")
+    bad = ws_problem(o.ws_max_size, o.ws_ping_interval, o.ws_ping_timeout)
     if bad:
         raise ClusterctlError(*bad)
-    extra = parse_worker_args(worker_args)
-    task, every = parse_task(task, every)
-    check_memory(parse_size(memory_high, "--memory-high"), parse_size(memory_max, "--memory-max"))
-    py = resolve_python(python)
-    wd = resolve_working_dir(working_dir)
-    rw = parse_rw_paths(rw_path)
+    extra = parse_worker_args(o.worker_args)
+    task, every = parse_task(o.task, o.every)
+    check_memory(parse_size(o.memory_high, "--memory-high"), parse_size(o.memory_max, "--memory-max"))
+    py = resolve_python(o.python)
+    wd = resolve_working_dir(o.working_dir)
+    rw = parse_rw_paths(o.rw_path)
     needed = [("--python", py), ("--python", os.path.realpath(py)), ("--working-dir", wd),
               ("--working-dir", os.path.realpath(wd)), *(("--rw-path", p) for p in rw)]
-    home = _protect_home(protect_home, harden, needed)
-    bind_ro = tmp_binds([p for opt, p in needed if opt != "--rw-path"]) if harden else ()
+    home = _protect_home(o.protect_home, o.harden, needed)
+    bind_ro = tmp_binds([p for opt, p in needed if opt != "--rw-path"]) if o.harden else ()
     warnings = []
-    if harden and user is None:
+    if o.harden and o.user is None:
         if not readable_by_anyone(py):
             raise ClusterctlError(
                 f"--python {os.path.realpath(py)} is not readable by other users, so the workers' dynamic user (the "
@@ -677,33 +745,33 @@ def build_plan(
                 "user (the default without --user) will fail to start: install the app under a world-readable path "
                 "(e.g. /opt or /srv), or pass --user with an account that can read it (--user root gives up that "
                 "isolation)")
-    if harden and under(wd, rw) is None:
+    if o.harden and under(wd, rw) is None:
         for db in sqlite_databases(wd):
-            who = "--user OWNER (an account that may write it) and " if user is None else ""
+            who = "--user OWNER (an account that may write it) and " if o.user is None else ""
             warnings.append(f"{db} is an SQLite database, which the workers may read but not write (ProtectSystem=strict"
-                            f"{', a dynamic user' if user is None else ''}): its writes (Django's login and sessions) "
+                            f"{', a dynamic user' if o.user is None else ''}): its writes (Django's login and sessions) "
                             f"will fail with 'readonly database'; pass {who}--rw-path {wd} (SQLite writes a journal "
                             "beside it), or use a database server")
-    if drain_timeout < timeout:
-        warnings.append(f"--drain-timeout {drain_timeout} is shorter than --timeout {timeout}: a deploy or stop cuts "
-                        f"requests the timeout still allows; raise --drain-timeout to {timeout} if they must finish")
-    ws = (ws_max_size, ws_per_message_deflate, ws_ping_interval, ws_ping_timeout)
-    if interface == "wsgi" and ws != (WS_MAX_SIZE, WS_DEFLATE, WS_PING_INTERVAL, WS_PING_TIMEOUT):
+    if o.drain_timeout < o.timeout:
+        warnings.append(f"--drain-timeout {o.drain_timeout} is shorter than --timeout {o.timeout}: a deploy or stop cuts "
+                        f"requests the timeout still allows; raise --drain-timeout to {o.timeout} if they must finish")
+    ws = (o.ws_max_size, o.ws_per_message_deflate, o.ws_ping_interval, o.ws_ping_timeout)
+    if o.interface == "wsgi" and ws != (WS_MAX_SIZE, WS_DEFLATE, WS_PING_INTERVAL, WS_PING_TIMEOUT):
         warnings.append("the --ws-* options apply to ASGI apps only: with --interface wsgi the workers ignore them")
     plan = Plan(
-        name=name, app=app, workers=n, listen=addresses, balance=balance,  # type: ignore[arg-type]
-        python=py, working_dir=wd, user=parse_user(user), env=parse_env(env),
-        memory_max=parse_size(memory_max, "--memory-max"), memory_high=parse_size(memory_high, "--memory-high"),
-        cpu_quota=parse_percent(cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(tasks_max),
-        harden=harden, rw_paths=rw, protect_home=home, allow_wx=allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
-        backlog=backlog, drain_timeout=drain_timeout, watchdog_sec=watchdog_sec, timeout=timeout, task=task,
+        name=name, app=app, workers=n, listen=addresses, balance=o.balance,  # type: ignore[arg-type]
+        python=py, working_dir=wd, user=parse_user(o.user), env=parse_env(o.env),
+        memory_max=parse_size(o.memory_max, "--memory-max"), memory_high=parse_size(o.memory_high, "--memory-high"),
+        cpu_quota=parse_percent(o.cpu_quota, "--cpu-quota"), tasks_max=parse_tasks(o.tasks_max),
+        harden=o.harden, rw_paths=rw, protect_home=home, allow_wx=o.allow_wx, bind_ro=bind_ro,  # type: ignore[arg-type]
+        backlog=o.backlog, drain_timeout=o.drain_timeout, watchdog_sec=o.watchdog_sec, timeout=o.timeout, task=task,
         every=every,
-        interface=interface, ws_max_size=ws_max_size, ws_per_message_deflate=ws_per_message_deflate,
-        ws_ping_interval=float(ws_ping_interval), ws_ping_timeout=float(ws_ping_timeout), worker_args=extra,
+        interface=o.interface, ws_max_size=o.ws_max_size, ws_per_message_deflate=o.ws_per_message_deflate,
+        ws_ping_interval=float(o.ws_ping_interval), ws_ping_timeout=float(o.ws_ping_timeout), worker_args=extra,
         cpu_budget=budget,
         warnings=tuple(warnings),
     )
-    if check:
+    if check and o.check_import:
         check_import(plan.app, plan.python, plan.working_dir)
         if plan.task:
             check_import(plan.task, plan.python, plan.working_dir, "--task")

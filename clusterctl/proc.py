@@ -10,7 +10,8 @@ import logging
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from clusterctl.errors import ClusterctlError, CommandError
 
@@ -103,3 +104,20 @@ def launch(argv: Sequence[str], *, env: Mapping[str, str], pass_fds: Sequence[in
         child.kill()
         child.wait()
         raise CommandError(f"{shlex.join(args)} did not fork within {timeout:g}s") from e
+
+
+def spawn(argv: Sequence[str], *, stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None,
+          env: Mapping[str, str] | None = None, cwd: str | None = None, new_session: bool = False,
+          before_exec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """Start a child that outlives this call (the sandbox's supervisor and forwarders, its unshare) and
+    return it; the caller owns it. Other fds are closed in the child."""
+    if isinstance(argv, str):
+        raise TypeError("spawn() takes an argument list, not a shell string")
+    args = [str(a) for a in argv]
+    log.debug("spawn: %s", shlex.join(args))
+    try:
+        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True, cwd=cwd,
+                                env=dict(env) if env is not None else None, start_new_session=new_session,
+                                preexec_fn=before_exec)
+    except OSError as e:
+        raise CommandError(f"cannot run {shlex.join(args)}: {e.strerror or e}", f"install {args[0]} or put it on PATH") from e

@@ -18,6 +18,7 @@ from typing import Literal
 from clusterctl import sandbox as sb
 from clusterctl.errors import ClusterctlError
 from clusterctl.systemd import Systemd
+from clusterctl.unitnames import UnitNames
 
 Where = Literal["host", "user", "sandbox"]
 
@@ -103,7 +104,7 @@ def sandboxes_holding(name: str) -> list[str]:
     """Running sandboxes whose system unit dir holds NAME.target."""
     out = []
     for info in sb.ls():
-        if info.pid and Path(f"/proc/{info.pid}/root/etc/systemd/system/{name}.target").is_file():
+        if info.pid and Path(f"/proc/{info.pid}/root/etc/systemd/system/{UnitNames(name).target}").is_file():
             out.append(info.name)
     return out
 

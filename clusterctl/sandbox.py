@@ -19,7 +19,7 @@ emptied the host's /tmp, so the host's files are never exposed writable:
 Networking: `net="private"` (default) gives each sandbox its own loopback-only network namespace, so
 several sandboxes can listen on the same port. Reach it from the host three ways: `netexec()` runs a
 host program (wrk, curl, the venv's python) inside just that network namespace; `netns()`/`connect()`
-move one thread of the calling Python process there; `forward()` starts a small host process that
+move one thread of the calling Python process there; `clusterctl.forwarder` starts a small host process that
 accepts on the host's 127.0.0.1:HOSTPORT and connects to the sandbox's 127.0.0.1:PORT (it binds its
 listening socket on the host, then setns()es into the sandbox's network namespace, so every socket it
 creates afterwards lives there). `net="host"` shares the host's network instead: simplest, but ports
@@ -32,7 +32,6 @@ and removes the cgroups and the overlay.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import os
@@ -249,14 +248,14 @@ class SandboxInfo:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _readf(path: Path, default: str | None = None) -> str | None:
+def read_file(path: Path, default: str | None = None) -> str | None:
     try:
         return path.read_text().strip()
     except OSError:
         return default
 
 
-def _alive(pid: int | str | None) -> bool:
+def alive(pid: int | str | None) -> bool:
     """True if `pid` exists and is not a zombie."""
     try:
         os.kill(int(pid), 0)  # type: ignore[arg-type]
@@ -289,7 +288,7 @@ def check_host() -> None:
     if missing:
         raise ClusterctlError(f"this kernel lacks {', '.join(missing)} namespaces",
                               "use a kernel with CONFIG_PID_NS, CONFIG_NET_NS, CONFIG_CGROUPS ... enabled")
-    filesystems = _readf(Path("/proc/filesystems"), "") or ""
+    filesystems = read_file(Path("/proc/filesystems"), "") or ""
     if "overlay" not in filesystems.split():
         raise ClusterctlError("overlayfs is not available", "run 'modprobe overlay' on the host")
     if not os.access(SYSTEMD, os.X_OK):
@@ -300,7 +299,7 @@ def check_host() -> None:
 
 def _running_pid(name: str) -> int | None:
     """Host pid of the sandbox's PID 1, after checking it really is this sandbox's systemd."""
-    text = _readf(state_dir(name) / "pid")
+    text = read_file(state_dir(name) / "pid")
     if not text:
         return None
     try:
@@ -340,9 +339,9 @@ def ls() -> list[SandboxInfo]:
     for d in sorted(base.iterdir()):
         if not d.is_dir() or not _NAME_RE.fullmatch(d.name):
             continue
-        owner = _readf(d / "owner")
-        boot = _readf(d / "boot_seconds")
-        out.append(SandboxInfo(d.name, _running_pid(d.name), _readf(d / "net", "?") or "?",
+        owner = read_file(d / "owner")
+        boot = read_file(d / "boot_seconds")
+        out.append(SandboxInfo(d.name, _running_pid(d.name), read_file(d / "net", "?") or "?",
                                int(owner) if owner else None, float(boot) if boot else None, d))
     return out
 
@@ -358,7 +357,7 @@ def exec_argv(name: str, argv: Sequence[str], *, env: Mapping[str, str] | None =
     sd = state_dir(name)
     pid1 = pid(name)
     ns = ["nsenter", "-t", str(pid1), "-m", "-u", "-i", "-p", "-C"]
-    if net and _readf(sd / "net") == "private":
+    if net and read_file(sd / "net") == "private":
         ns.append("-n")
     clean = {"PATH": INNER_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "SYSTEMD_PAGER": "",
              "SYSTEMD_COLORS": "0", "SYSTEMD_LOG_COLOR": "0"}
@@ -366,7 +365,7 @@ def exec_argv(name: str, argv: Sequence[str], *, env: Mapping[str, str] | None =
         if not _ENV_RE.fullmatch(key):
             raise ClusterctlError(f"bad environment variable name {key!r}", "use letters, digits and '_'")
         clean[key] = value
-    capdrop = _readf(sd / "capdrop") or ""
+    capdrop = read_file(sd / "capdrop") or ""
     return [*ns, "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in clean.items()),
             "setpriv", "--bounding-set", capdrop, "--", *argv]
 
@@ -380,8 +379,10 @@ def exec(name: str, argv: Sequence[str], *, capture: bool = True, check: bool = 
 
 
 def systemctl(name: str, *args: str, check: bool = True, timeout: float | None = 60) -> str:
-    """`systemctl ARGS` inside; returns stdout."""
-    return exec(name, ["systemctl", "--no-pager", *args], check=check, timeout=timeout).stdout
+    """`systemctl ARGS` inside, through the one systemctl helper (clusterctl.systemd); returns stdout."""
+    from clusterctl.systemd import Systemd  # it reaches sandboxes through this module: imported on use
+
+    return Systemd(sandbox=name).systemctl(*args, check=check, timeout=timeout).stdout
 
 
 def netexec(name: str, argv: Sequence[str], *, capture: bool = True, check: bool = True,
@@ -390,7 +391,7 @@ def netexec(name: str, argv: Sequence[str], *, capture: bool = True, check: bool
     """Run a HOST program (wrk, curl, the venv's python) inside only the sandbox's network namespace,
     so it talks to the sandbox's loopback while seeing the host's files."""
     pid1 = pid(name)
-    host_net = _readf(state_dir(name) / "net") == "host"
+    host_net = read_file(state_dir(name) / "net") == "host"
     cmd = list(argv) if host_net else ["nsenter", "-t", str(pid1), "-n", "--", *argv]
     return proc.run(cmd, capture=capture, check=check, input=input, timeout=timeout, env=env)
 
@@ -399,7 +400,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNET = 0x40000000
 
 
-def _setns(fd: int) -> None:
+def setns(fd: int) -> None:
     # os.setns() exists only from Python 3.12; we support 3.11.
     if _libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -412,17 +413,17 @@ def netns(name: str) -> Iterator[None]:
     inside stay there). A network namespace is per thread, so other threads are unaffected: run one
     load-generator thread per `with netns(...)` block."""
     pid1 = pid(name)
-    if _readf(state_dir(name) / "net") == "host":
+    if read_file(state_dir(name) / "net") == "host":
         yield
         return
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/proc/{pid1}/ns/net", os.O_RDONLY)
     try:
-        _setns(target)
+        setns(target)
         try:
             yield
         finally:
-            _setns(own)
+            setns(own)
     finally:
         os.close(own)
         os.close(target)
@@ -538,16 +539,15 @@ def _prepare(cfg: SandboxConfig) -> Path:
     return sd
 
 
-def _spawn_helper(args: list[str], logfile: Path) -> subprocess.Popen[bytes]:
-    """Start `python -m clusterctl.sandbox ARGS` detached (own session, cwd /, output to `logfile`), so
-    it outlives the caller and works from an installed package as well as from a checkout."""
+def spawn_helper(args: list[str], logfile: Path, module: str = "clusterctl.sandbox") -> subprocess.Popen[bytes]:
+    """Start `python -m MODULE ARGS` detached (own session, cwd /, output to `logfile`), so it outlives the
+    caller and works from an installed package as well as from a checkout."""
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
     with open(logfile, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "clusterctl.sandbox", *args],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True, env=env, cwd="/")
+        return proc.spawn([sys.executable, "-m", module, *args], stdout=log, stderr=log, env=env,
+                          cwd="/", new_session=True)
 
 
 def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str, str, bool] | str] = (), *,
@@ -580,7 +580,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
     check_host()
     sd = state_dir(name)
     if sd.exists():
-        if _running_pid(name) or _alive(_readf(sd / "supervisor.pid")):
+        if _running_pid(name) or alive(read_file(sd / "supervisor.pid")):
             raise ClusterctlError(f"sandbox {name!r} is already running",
                                   f"use it, or stop it first: clusterctl sandbox down {name}")
         down(name, missing_ok=True)
@@ -592,7 +592,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
         down(name, missing_ok=True)
         raise
     # record the pid here too: a down() racing the helper's start-up must still find and stop it
-    helper = _spawn_helper(["__supervise", name], sd / "supervisor.log")
+    helper = spawn_helper(["__supervise", name], sd / "supervisor.log")
     (sd / "supervisor.pid").write_text(str(helper.pid))
     deadline = t0 + timeout
     state = ""
@@ -601,7 +601,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
             break
         if _running_pid(name):
             try:
-                state = exec(name, ["systemctl", "is-system-running"], check=False, timeout=10).stdout.strip()
+                state = systemctl(name, "is-system-running", check=False, timeout=10).strip()
             except CommandError:  # a timeout while PID 1 is busy booting: ask again
                 continue
             if state in ("running", "degraded"):
@@ -612,9 +612,9 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
     failed = ""
     if _running_pid(name):
         with contextlib.suppress(CommandError):
-            failed = exec(name, ["systemctl", "--failed", "--no-pager"], check=False, timeout=10).stdout
-    console = (_readf(sd / "console.log", "") or "")[-3000:]
-    sup_log = (_readf(sd / "supervisor.log", "") or "")[-1000:]
+            failed = systemctl(name, "--failed", check=False, timeout=10)
+    console = (read_file(sd / "console.log", "") or "")[-3000:]
+    sup_log = (read_file(sd / "supervisor.log", "") or "")[-1000:]
     down(name, keep=True, missing_ok=True)
     why = "timed out" if time.monotonic() >= deadline else "PID 1 exited"
     raise ClusterctlError(
@@ -626,12 +626,12 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
 
 def _kill_cgroup_procs(name: str) -> None:
     """SIGKILL whatever is still in this sandbox's cgroups (only ever processes the sandbox started)."""
-    for mp in (_readf(state_dir(name) / "cgroup-host", "") or "").split():
+    for mp in (read_file(state_dir(name) / "cgroup-host", "") or "").split():
         top = Path(mp) / _cgroup_name(name)
         if not top.is_dir():
             continue
         for procs in top.rglob("cgroup.procs"):
-            for p in (_readf(procs, "") or "").split():
+            for p in (read_file(procs, "") or "").split():
                 with contextlib.suppress(OSError):
                     os.kill(int(p), signal.SIGKILL)
 
@@ -639,7 +639,7 @@ def _kill_cgroup_procs(name: str) -> None:
 def _rm_cgroups(name: str) -> list[str]:
     """Remove the sandbox's cgroups in every hierarchy, deepest first; returns those still busy."""
     left = []
-    for mp in (_readf(state_dir(name) / "cgroup-host", "") or "").split():
+    for mp in (read_file(state_dir(name) / "cgroup-host", "") or "").split():
         top = Path(mp) / _cgroup_name(name)
         if not top.is_dir():
             continue
@@ -660,10 +660,10 @@ def _rm_cgroups(name: str) -> list[str]:
     return left
 
 
-def _kill_own(pid_text: str | None, marker: bytes) -> None:
+def kill_own(pid_text: str | None, marker: bytes) -> None:
     """SIGKILL `pid_text` only if it is alive and its command line shows it is ours (pids get reused)."""
     with contextlib.suppress(OSError, ValueError, TypeError):
-        if _alive(pid_text) and marker in Path(f"/proc/{pid_text}/cmdline").read_bytes():
+        if alive(pid_text) and marker in Path(f"/proc/{pid_text}/cmdline").read_bytes():
             os.kill(int(pid_text), signal.SIGKILL)  # type: ignore[arg-type]
 
 
@@ -676,7 +676,7 @@ def down(name: str, *, keep: bool = False, missing_ok: bool = False) -> None:
             return
         raise ClusterctlError(f"sandbox {name!r} does not exist",
                               "see the existing ones: clusterctl sandbox ls")
-    supervisor = _readf(sd / "supervisor.pid")
+    supervisor = read_file(sd / "supervisor.pid")
     pid1 = _running_pid(name)
     if pid1:
         # SIGKILL to a pid namespace's init ends every process in it; unshare reaps it and exits, and
@@ -685,18 +685,20 @@ def down(name: str, *, keep: bool = False, missing_ok: bool = False) -> None:
     else:
         # not booted (yet): stop the supervisor first so it cannot start anything after we looked,
         # then unshare, in case the boot failed before systemd was exec'd
-        _kill_own(supervisor, b"__supervise")
-        _kill_own(_readf(sd / "unshare.pid"), str(sd).encode())
+        kill_own(supervisor, b"__supervise")
+        kill_own(read_file(sd / "unshare.pid"), str(sd).encode())
+    from clusterctl import forwarder  # it builds on this module: imported on use
+
     for fwd in sd.glob("forward-*.pid"):
-        _stop_forwarder(fwd)
+        forwarder.stop(fwd)
     for _ in range(200):
-        if not _alive(supervisor) and not (pid1 and os.path.exists(f"/proc/{pid1}")):
+        if not alive(supervisor) and not (pid1 and os.path.exists(f"/proc/{pid1}")):
             break
         time.sleep(0.025)
-    _kill_own(supervisor, b"__supervise")
+    kill_own(supervisor, b"__supervise")
     _kill_cgroup_procs(name)
     left = _rm_cgroups(name)
-    still = [p for p in (supervisor, _readf(sd / "unshare.pid")) if _alive(p)]
+    still = [p for p in (supervisor, read_file(sd / "unshare.pid")) if alive(p)]
     if left or still:
         raise ClusterctlError(f"sandbox {name!r}: left behind cgroups {left} and processes {still}",
                               "kill those processes, then run 'clusterctl sandbox down' again")
@@ -713,11 +715,11 @@ def supervise(name: str) -> None:
     in the sandbox's cgroups, and removes the cgroups when the sandbox dies."""
     sd = state_dir(name)
     (sd / "supervisor.pid").write_text(str(os.getpid()))
-    net = _readf(sd / "net")
+    net = read_file(sd / "net")
     master, slave = os.openpty()
     tty.setraw(slave)
     slave_path = os.ttyname(slave)
-    hosts = (_readf(sd / "cgroup-host", "") or "").split()
+    hosts = (read_file(sd / "cgroup-host", "") or "").split()
     cg = _cgroup_name(name)
 
     def enter_payload() -> None:  # in the child before exec: the cgroup ns will be rooted here
@@ -728,12 +730,11 @@ def supervise(name: str) -> None:
             "--propagation", "private", *(["--net"] if net == "private" else []),
             "--", "/bin/bash", str(sd / "init.sh"), str(sd), slave_path, SYSTEMD, INNER_PATH, name, TARGET,
             CONTAINER]
-    child = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, preexec_fn=enter_payload,
-                             close_fds=True)
+    child = proc.spawn(args, stdin=slave, stdout=slave, stderr=slave, before_exec=enter_payload)
     (sd / "unshare.pid").write_text(str(child.pid))
     init = None
     for _ in range(400):
-        kids = _readf(Path(f"/proc/{child.pid}/task/{child.pid}/children"), "")
+        kids = read_file(Path(f"/proc/{child.pid}/task/{child.pid}/children"), "")
         if kids:
             init = kids.split()[0]
             break
@@ -765,88 +766,6 @@ def supervise(name: str) -> None:
     _rm_cgroups(name)
 
 
-# ------------------------------------------------------------------------------------------ forwarding
-
-def forward(name: str, host_port: int, sandbox_port: int, *, host: str = "127.0.0.1",
-            timeout: float = 5.0) -> int:
-    """Expose the sandbox's 127.0.0.1:SANDBOX_PORT on the host's HOST:HOST_PORT; returns the forwarder's
-    pid. It runs until `unforward()`, `down()` or the sandbox's end."""
-    sd = state_dir(name)
-    pid(name)
-    pidfile = sd / f"forward-{int(host_port)}.pid"
-    if _alive(_readf(pidfile)):
-        raise ClusterctlError(f"sandbox {name!r} already forwards host port {host_port}",
-                              f"stop it first: clusterctl sandbox unforward {name} {host_port}")
-    ready = sd / f"forward-{int(host_port)}.ready"
-    ready.unlink(missing_ok=True)
-    p = _spawn_helper(["__forward", name, str(int(host_port)), str(int(sandbox_port)), host],
-                      sd / f"forward-{int(host_port)}.log")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready.exists():
-            pidfile.write_text(str(p.pid))
-            return p.pid
-        if p.poll() is not None:
-            break
-        time.sleep(0.02)
-    with contextlib.suppress(OSError):
-        p.kill()
-    p.wait()
-    err = (_readf(sd / f"forward-{int(host_port)}.log", "") or "").splitlines()[-1:]
-    raise ClusterctlError(f"could not forward {host}:{host_port} to sandbox {name!r} port {sandbox_port}: "
-                          f"{'; '.join(err) or 'no output'}", "pick a free host port")
-
-
-def _stop_forwarder(pidfile: Path) -> None:
-    _kill_own(_readf(pidfile), b"__forward")
-    pidfile.unlink(missing_ok=True)
-
-
-def unforward(name: str, host_port: int) -> None:
-    """Stop the forwarder of `host_port`."""
-    _stop_forwarder(state_dir(name) / f"forward-{int(host_port)}.pid")
-
-
-def _serve_forward(name: str, host_port: int, sandbox_port: int, host: str) -> None:
-    """Forwarder body: listen on the host, then switch this whole process into the sandbox's network
-    namespace (the listening socket stays on the host), so each upstream connection lands inside."""
-    pid1 = pid(name)
-    listener = socket.create_server((host, host_port), backlog=512)
-    if _readf(state_dir(name) / "net") == "private":
-        fd = os.open(f"/proc/{pid1}/ns/net", os.O_RDONLY)
-        _setns(fd)
-        os.close(fd)
-    (state_dir(name) / f"forward-{host_port}.ready").write_text("")
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except OSError:
-            writer.close()
-
-    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", sandbox_port)
-        except OSError:
-            cw.close()
-            return
-        await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
-        cw.close()
-        uw.close()
-
-    async def main() -> None:
-        server = await asyncio.start_server(handle, sock=listener)
-        async with server:
-            while _alive(pid1):
-                await asyncio.sleep(0.5)
-
-    asyncio.run(main())
-
-
 @dataclass(frozen=True)
 class Sandbox:
     """A handle on a running sandbox: the module's functions with the name filled in."""
@@ -873,20 +792,18 @@ class Sandbox:
         return connect(self.name, port, host, timeout)
 
     def forward(self, host_port: int, sandbox_port: int, host: str = "127.0.0.1") -> int:
-        return forward(self.name, host_port, sandbox_port, host=host)
+        from clusterctl import forwarder  # it builds on this module: imported on use
+
+        return forwarder.forward(self.name, host_port, sandbox_port, host=host)
 
     def down(self, keep: bool = False) -> None:
         down(self.name, keep=keep, missing_ok=True)
 
 
 def _main(argv: list[str]) -> int:
-    """Entry of the detached helpers: `python -m clusterctl.sandbox __supervise NAME` and
-    `__forward NAME HOSTPORT SANDBOXPORT HOST`."""
+    """Entry of the detached supervisor: `python -m clusterctl.sandbox __supervise NAME`."""
     if len(argv) == 2 and argv[0] == "__supervise":
         supervise(check_name(argv[1]))
-        return 0
-    if len(argv) == 5 and argv[0] == "__forward":
-        _serve_forward(check_name(argv[1]), int(argv[2]), int(argv[3]), argv[4])
         return 0
     print("internal helper of clusterctl sandbox; use 'clusterctl sandbox'", file=sys.stderr)
     return 2

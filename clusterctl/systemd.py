@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clusterctl import proc
 from clusterctl import sandbox as sb
+from clusterctl.address import Address
 from clusterctl.errors import ClusterctlError
 
 
@@ -118,27 +119,14 @@ class Systemd:
         return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     # -- network -------------------------------------------------------------------------------------
-    def connect(self, address: str, timeout: float = 5.0) -> socket.socket:
-        """A connection to a ListenStream= address as seen from that system (its loopback, its paths)."""
-        if address.startswith("/"):
+    def connect(self, address: Address, timeout: float = 5.0) -> socket.socket:
+        """A connection to a socket unit's address as seen from that system (its loopback, its paths)."""
+        if address.kind == "unix":
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(timeout)
-            s.connect(str(self.path(address)) if self.sandbox else address)
+            s.connect(str(self.path(str(address.path))) if self.sandbox else str(address.path))
             return s
-        host, port = split_address(address)
+        host, port = address.reach
         if self.sandbox:
             return sb.connect(self.sandbox, port, host, timeout)
         return socket.create_connection((host, port), timeout=timeout)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """ListenStream= value -> (host to connect to, port); wildcard binds are reached on loopback."""
-    if address.isdigit():
-        return "127.0.0.1", int(address)
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, int(port)

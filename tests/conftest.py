@@ -17,7 +17,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from testinfra.backend.base import BaseBackend, CommandResult
 
 from clusterctl import sandbox as sb
 from clusterctl.errors import ClusterctlError
+from tests.workerproc import Worker, spawner
 
 REPO = Path(__file__).resolve().parent.parent
 SANDBOX_FIXTURES = {"sandbox", "sandbox_host", "sandbox_factory", "sandbox_share"}
@@ -156,3 +157,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if SANDBOX_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.systemd)
 
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Worker processes under a stand-in service manager (tests/workerproc.py), killed afterwards."""
+    with spawner(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="session")
+def default_binds() -> list[sb.Bind]:
+    """What every test sandbox binds: the repo and the tests' interpreter, read-only."""
+    return _default_binds()

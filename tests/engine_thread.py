@@ -1,6 +1,7 @@
 """The engine's test harness: a Server on 127.0.0.1:<port>, run by its own event loop in a thread.
 
-Shared by the WSGI, ASGI and fuzz tests, which differ only in the server they build.
+Shared by the WSGI, ASGI and fuzz tests, which differ only in the server they build; with the limits
+(SMALL) and the one-response-at-a-time client (Reader) they share.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import uvloop
+
+from clusterctl.http.server import Limits
 
 
 class EngineThread:
@@ -44,3 +47,48 @@ class EngineThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+# Tight limits, so the timeouts and caps are reached in a test's time.
+SMALL = Limits(keepalive_timeout=0.2, header_timeout=0.3, body_timeout=0.3, max_request_line=200,
+               max_header_size=1024, max_headers=20, max_body_size=10_000, max_connections=50)
+
+
+# -- a tiny HTTP/1.1 client that reads exactly one response at a time ---------------------------------------
+
+class Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.f = sock.makefile("rb")
+
+    def response(self, head: bool = False) -> tuple[int, dict[str, str], bytes]:
+        line = self.f.readline()
+        if not line:
+            raise ConnectionError("closed")
+        status = int(line.split()[1])
+        headers: dict[str, str] = {}
+        while True:
+            h = self.f.readline()
+            if h in (b"\r\n", b""):
+                break
+            k, _, v = h.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if head or status in (100, 204, 304):
+            return status, headers, b""
+        if "content-length" in headers:
+            return status, headers, self.f.read(int(headers["content-length"]))
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self.f.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.f.readline()
+                    return status, headers, body
+                body += self.f.read(size)
+                assert self.f.read(2) == b"\r\n"
+        return status, headers, self.f.read()
+
+    def closed(self) -> bool:
+        try:
+            return self.f.read(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return False

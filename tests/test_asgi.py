@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import SMALL, Reader
-from test_runtime import SSA, Worker, assert_fails_before_ready, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 
 from clusterctl.errors import ClusterctlError
 from clusterctl.generate import worker_argv
 from clusterctl.http.asgi import AsgiServer, detect
 from clusterctl.http.server import Limits
 from clusterctl.plan import build_plan
-from tests.engine_thread import EngineThread
+from tests.engine_thread import SMALL, EngineThread, Reader
+from tests.workerproc import SSA, Worker, assert_fails_before_ready, connect_when_listening
 
 seen: list[dict[str, Any]] = []
 disconnects: list[str] = []
@@ -377,7 +376,7 @@ def _rss_kib(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
-def test_100mb_upload_to_a_slow_reader_keeps_rss_bounded(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_100mb_upload_to_a_slow_reader_keeps_rss_bounded(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(SLOW_READER)
     size = 100 << 20
     w = spawn("--app", "slow:app", "--no-access-log", "--max-body-size", str(size), cwd=tmp_path)
@@ -473,7 +472,7 @@ app = Starlette(routes=[Route("/data", data), Route("/echo", echo, methods=["POS
 '''
 
 
-def test_starlette_served_with_lifespan(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_starlette_served_with_lifespan(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     pytest.importorskip("starlette")
     httpx = pytest.importorskip("httpx")
     (tmp_path / "sapp.py").write_text(STARLETTE_APP)
@@ -499,14 +498,14 @@ def test_starlette_served_with_lifespan(spawn: Callable[..., Worker], tmp_path: 
     assert mark.read_text() == "shutdown ran"
 
 
-def test_failing_startup_exits_nonzero(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_failing_startup_exits_nonzero(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     pytest.importorskip("starlette")
     (tmp_path / "sapp.py").write_text(STARLETTE_APP)
     w = spawn("--app", "sapp:app", cwd=tmp_path, env={"FAIL_STARTUP": "1", "SHUTDOWN_MARK": str(tmp_path / "m")})
     assert_fails_before_ready(w, "database unreachable")
 
 
-def test_app_without_lifespan_is_served(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_app_without_lifespan_is_served(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     (tmp_path / "plain.py").write_text(
         "async def app(scope, receive, send):\n"
         "    assert scope['type'] == 'http'\n"

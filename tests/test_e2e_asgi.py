@@ -17,12 +17,10 @@ from click.testing import CliRunner
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from clusterctl import generate as gen
-from clusterctl import ops
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
+from tests.clusters import installed
 from tests.loadgen import Load
 from tests.worker_user import worker_user
 
@@ -93,11 +91,9 @@ def clusterctl(*args: str) -> str:
 def test_rolling_reload_with_websockets(sandbox: sb.Sandbox, tmp_path: Path) -> None:
     s = sandbox.name
     sd = Systemd(sandbox=s)
-    plan = build_plan(app="examples.wsecho:app", name=NAME, workers="2", listen=[f"127.0.0.1:{PORT}"],
-                      working_dir=str(REPO), python=sys.executable, user=worker_user(), drain_timeout=10, check=True)
-    gen.write(plan, tmp_path / NAME)
-    ops.install(sd, tmp_path / NAME, enable=True, start=True, progress=lambda m: None)
-    try:
+    with installed(sd, tmp_path / NAME, enable=True, app="examples.wsecho:app", name=NAME, workers="2",
+                   listen=[f"127.0.0.1:{PORT}"], working_dir=str(REPO), python=sys.executable, user=worker_user(),
+                   drain_timeout=10):
         old = {r["MainPID"] for r in sd.show([f"{NAME}@1.service", f"{NAME}@2.service"], ("MainPID",))}
         with Clients(s) as clients:
             # status: the open WebSockets per instance (STATUS= is sent about once a second)
@@ -133,5 +129,3 @@ def test_rolling_reload_with_websockets(sandbox: sb.Sandbox, tmp_path: Path) -> 
         assert "drain timeout" not in log and "exiting with 1" not in log
         assert not re.search(r"timed out|Killing process|status=9/KILL", sd.journalctl("-u", f"{NAME}@*")), log[-2000:]
         assert took < 40, took
-    finally:
-        ops.uninstall(sd, NAME, progress=lambda m: None)

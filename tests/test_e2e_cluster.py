@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import generate as gen
 from clusterctl import ops
 from clusterctl import sandbox as sb
-from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
+from tests.clusters import install, uninstall
 from tests.loadgen import Load, request
 from tests.worker_user import worker_user
 
@@ -74,13 +73,10 @@ class Cluster:
 
 def install_cluster(sandbox: sb.Sandbox, out: Path, name: str, port: int, balance: str, workers: int = 2,
                     worker_args: tuple[str, ...] = ()) -> Cluster:
-    plan = build_plan(app="examples.hello:app", name=name, workers=str(workers), listen=[f"127.0.0.1:{port}"],
-                      balance=balance, working_dir=str(REPO), python=sys.executable, user=worker_user(),
-                      watchdog_sec=WATCHDOG, timeout=TIMEOUT, worker_args=worker_args,
-                      check=True)
-    gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)
-    ops.install(sd, out, enable=True, start=True, progress=lambda m: None)
+    install(sd, out, enable=True, app="examples.hello:app", name=name, workers=str(workers),
+            listen=[f"127.0.0.1:{port}"], balance=balance, working_dir=str(REPO), python=sys.executable,
+            user=worker_user(), watchdog_sec=WATCHDOG, timeout=TIMEOUT, worker_args=worker_args)
     return Cluster(name, port, balance, workers, sd)
 
 
@@ -90,7 +86,7 @@ def cluster(request: pytest.FixtureRequest, sandbox: sb.Sandbox, tmp_path_factor
     name = f"hello-{balance}"
     c = install_cluster(sandbox, tmp_path_factory.mktemp(name), name, 8100 + len(balance), balance)
     yield c
-    ops.uninstall(c.sd, c.name, progress=lambda m: None)
+    uninstall(c.sd, c.name)
 
 
 def test_all_instances_ready_and_serving(cluster: Cluster, sandbox_host) -> None:
@@ -108,10 +104,10 @@ def test_all_instances_ready_and_serving(cluster: Cluster, sandbox_host) -> None
     # our STATUS= line, as systemctl status shows it (the runtime sends it about once a second)
     deadline = time.monotonic() + 5
     out = ""
-    while time.monotonic() < deadline and "requests served" not in out:
+    while time.monotonic() < deadline and "served=" not in out:
         out = cluster.sd.systemctl("status", f"{cluster.name}@1", check=False).stdout
         time.sleep(0.2)
-    assert 'Status: "requests served' in out
+    assert 'Status: "served=' in out
 
 
 def test_rolling_restart_one_at_a_time_loses_nothing(cluster: Cluster) -> None:
@@ -270,4 +266,4 @@ def test_max_memory_restart_recycles_under_systemd(sandbox: sb.Sandbox, tmp_path
             time.sleep(0.2)
         assert "over --max-memory-restart 96.0 MiB" in log, log[-2000:]
     finally:
-        ops.uninstall(c.sd, c.name, progress=lambda m: None)
+        uninstall(c.sd, c.name)

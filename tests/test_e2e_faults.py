@@ -21,12 +21,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import generate as gen
-from clusterctl import ops
+from clusterctl import ops, statusline
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
+from tests.clusters import install, uninstall
 from tests.loadgen import Load, request
 from tests.worker_user import share_app, worker_user
 
@@ -56,11 +55,9 @@ def app(environ, start_response):
 def install_faultapp(sandbox: sb.Sandbox, share: Path, out: Path, port: int = PORT) -> Systemd:
     """The 2-worker cluster NAME of APP on `port`, installed and started in `sandbox`."""
     appdir = share_app(share, "faultapp", APP)
-    plan = build_plan(app="faultapp:app", name=NAME, workers="2", listen=[f"127.0.0.1:{port}"], working_dir=str(appdir),
-                      python=sys.executable, user=worker_user(appdir), memory_max="96M", check=True)
-    gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)
-    ops.install(sd, out, start=True, progress=lambda m: None)
+    install(sd, out, app="faultapp:app", name=NAME, workers="2", listen=[f"127.0.0.1:{port}"], working_dir=str(appdir),
+            python=sys.executable, user=worker_user(appdir), memory_max="96M")
     return sd
 
 
@@ -69,7 +66,7 @@ def faulty(sandbox: sb.Sandbox, sandbox_share: Path, tmp_path_factory: pytest.Te
     sd = install_faultapp(sandbox, sandbox_share, tmp_path_factory.mktemp("faulty") / NAME)
     yield sd
     set_fault(sd, None)
-    ops.uninstall(sd, NAME, progress=lambda m: None)
+    uninstall(sd, NAME)
 
 
 def set_fault(sd: Systemd, fault: str | None, instance: int = 2) -> None:
@@ -182,12 +179,10 @@ def test_sigkill_during_drain_loses_nothing_already_answered(sandbox: sb.Sandbox
 
 @pytest.fixture
 def own_box(sandbox_factory: Any, sandbox_share: Path, tmp_path: Path, request: pytest.FixtureRequest,
-            ) -> Iterator[tuple[sb.Sandbox, Systemd]]:
+            default_binds: list[sb.Bind]) -> Iterator[tuple[sb.Sandbox, Systemd]]:
     """A sandbox of its own (the test breaks its journal) running the 2-worker cluster, access logs on."""
-    from tests.conftest import _default_binds
-
     box = sandbox_factory(request.node.name.removeprefix("test_")[:20].replace("_", "-"),
-                          [*_default_binds(), sb.Bind(str(sandbox_share), str(sandbox_share))])
+                          [*default_binds, sb.Bind(str(sandbox_share), str(sandbox_share))])
     try:
         yield box, install_faultapp(box, sandbox_share, tmp_path / NAME)
     finally:
@@ -253,7 +248,7 @@ def test_journald_stalled_workers_serve_drop_lines_and_say_so(own_box: tuple[sb.
     r = load.result
     assert r.total > 1500 and r.errors == [], (r.total, r.errors[:5])
     assert workers(sd) == before  # no watchdog kill, no restart
-    dropped = [int(m.group(1)) for i in st.instances if (m := re.search(r"access log lines dropped (\d+)", i.status_text))]
+    dropped = [statusline.parse(i.status_text).get("log_dropped", 0) for i in st.instances]
     assert dropped and sum(dropped) > 0, [i.status_text for i in st.instances]
     for _ in range(20):  # a request to each worker after journald is back: the count goes first
         get(box, "/")

@@ -12,37 +12,23 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import generate as gen
-from clusterctl import ops
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
+from tests.clusters import EXPOSURE_BOUND, exposure, install, installed, uninstall
 from tests.loadgen import request
 from tests.worker_user import share_app, worker_user
 
 REPO = Path(__file__).resolve().parent.parent
-EXPOSURE_BOUND = 2.0
 PORT = 8300
-
-
-def exposure(sandbox: sb.Sandbox, unit: str) -> float:
-    out = sandbox.exec(["systemd-analyze", "security", "--no-pager", unit], check=False).stdout
-    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", out)
-    assert m, out[-2000:]
-    return float(m.group(1))
 
 
 @pytest.fixture(scope="module")
 def hardened(sandbox: sb.Sandbox, tmp_path_factory: pytest.TempPathFactory):
-    plan = build_plan(app="examples.hello:app", name="hard", workers="2", listen=[f"127.0.0.1:{PORT}"],
-                      working_dir=str(REPO), python=sys.executable, user=worker_user(), check=True)
-    out = tmp_path_factory.mktemp("hard") / "hard"
-    gen.write(plan, out)
     sd = Systemd(sandbox=sandbox.name)
-    ops.install(sd, out, start=True, progress=lambda m: None)
-    yield sd
-    ops.uninstall(sd, "hard", progress=lambda m: None)
+    with installed(sd, tmp_path_factory.mktemp("hard") / "hard", app="examples.hello:app", name="hard", workers="2",
+                   listen=[f"127.0.0.1:{PORT}"], working_dir=str(REPO), python=sys.executable, user=worker_user()):
+        yield sd
 
 
 def test_hardened_cluster_serves_logs_and_notifies(sandbox: sb.Sandbox, hardened: Systemd) -> None:
@@ -64,14 +50,12 @@ def test_hardened_cluster_serves_logs_and_notifies(sandbox: sb.Sandbox, hardened
 
 def test_default_units_exposure_at_most_2(sandbox: sb.Sandbox, tmp_path: Path) -> None:
     """Scored on installed units, the defaults (DynamicUser, no --user); the gunicorn sample for comparison."""
-    plan = build_plan(app="examples.hello:app", name="score", workers="1", listen=["127.0.0.1:8399"],
-                      working_dir="/srv" if Path("/srv").is_dir() else str(REPO), python="/usr/bin/python3",
-                      check=False) if Path("/usr/bin/python3").exists() else None
-    if plan is None:
+    if not Path("/usr/bin/python3").exists():
         pytest.skip("no /usr/bin/python3 to name in ExecStart")
-    gen.write(plan, tmp_path / "score")
     sd = Systemd(sandbox=sandbox.name)
-    ops.install(sd, tmp_path / "score", progress=lambda m: None)
+    install(sd, tmp_path / "score", start=False, app="examples.hello:app", name="score", workers="1",
+            listen=["127.0.0.1:8399"], working_dir="/srv" if Path("/srv").is_dir() else str(REPO),
+            python="/usr/bin/python3", check=False)
     shutil.copy(REPO / "tests/data/gunicorn-sample.service", sd.path("/etc/systemd/system/gunicorn-sample.service"))
     try:
         sd.systemctl("daemon-reload")
@@ -81,7 +65,7 @@ def test_default_units_exposure_at_most_2(sandbox: sb.Sandbox, tmp_path: Path) -
         assert theirs > ours
     finally:
         sd.path("/etc/systemd/system/gunicorn-sample.service").unlink(missing_ok=True)
-        ops.uninstall(sd, "score", progress=lambda m: None)
+        uninstall(sd, "score")
 
 
 # --- MemoryDenyWriteExecute=yes and foreign-function callbacks ----------------------------------------------
@@ -109,11 +93,9 @@ def app(environ, start_response):
 
 def install_callback_app(sandbox: sb.Sandbox, share: Path, out: Path, cb: str, *, allow_wx: bool) -> Systemd:
     appdir = share_app(share, "cbapp", CALLBACK_APP)
-    plan = build_plan(app="cbapp:app", name="wx", workers="1", listen=[f"127.0.0.1:{WX_PORT}"], working_dir=str(appdir),
-                      python=sys.executable, user=worker_user(appdir), env=[f"CB={cb}"], allow_wx=allow_wx, check=True)
-    gen.write(plan, out, force=True)
     sd = Systemd(sandbox=sandbox.name)
-    ops.install(sd, out, progress=lambda m: None)
+    install(sd, out, start=False, force=True, app="cbapp:app", name="wx", workers="1", listen=[f"127.0.0.1:{WX_PORT}"],
+            working_dir=str(appdir), python=sys.executable, user=worker_user(appdir), env=[f"CB={cb}"], allow_wx=allow_wx)
     sd.systemctl("restart", "wx@1.service", check=False, timeout=60)
     return sd
 
@@ -123,7 +105,7 @@ def wx_cluster(sandbox: sb.Sandbox) -> Iterator[None]:
     yield
     sd = Systemd(sandbox=sandbox.name)
     if sd.path("/etc/systemd/system/wx.target").exists():
-        ops.uninstall(sd, "wx", progress=lambda m: None)
+        uninstall(sd, "wx")
 
 
 def test_cffi_callback_needs_allow_wx_and_status_says_so(sandbox: sb.Sandbox, sandbox_share: Path, tmp_path: Path,

@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import generate as gen
 from clusterctl import ops
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.plan import build_plan
 from clusterctl.systemd import Systemd
+from tests.clusters import EXPOSURE_BOUND, exposure, installed
 from tests.loadgen import request
 from tests.worker_user import worker_user
 
@@ -92,16 +91,12 @@ def cluster(sandbox: sb.Sandbox, tmp_path_factory: pytest.TempPathFactory) -> It
         conn.execute("CREATE TABLE users (name TEXT)")
     c = Cluster(sd, db)
     c.add_users(3)
-    plan = build_plan(app="examples.users:app", name=NAME, workers=str(WORKERS), listen=[f"127.0.0.1:{PORT}"],
-                      working_dir=str(REPO), python=sys.executable, user=worker_user(),
-                      env=[f"USERS_DB={DB}"],
-                      every="1s", task="examples.users:count_users", check=True)
-    out = tmp_path_factory.mktemp(NAME) / NAME
-    gen.write(plan, out)
-    written = ops.install(c.sd, out, enable=True, start=True, progress=lambda m: None)
-    assert f"/etc/systemd/system/{NAME}-task.timer" in written and f"/etc/systemd/system/{NAME}-task.service" in written
-    yield c
-    ops.uninstall(c.sd, NAME, progress=lambda m: None)
+    with installed(c.sd, tmp_path_factory.mktemp(NAME) / NAME, enable=True, app="examples.users:app", name=NAME,
+                   workers=str(WORKERS), listen=[f"127.0.0.1:{PORT}"], working_dir=str(REPO), python=sys.executable,
+                   user=worker_user(), env=[f"USERS_DB={DB}"], every="1s", task="examples.users:count_users") as written:
+        assert f"/etc/systemd/system/{NAME}-task.timer" in written
+        assert f"/etc/systemd/system/{NAME}-task.service" in written
+        yield c
     assert not c.sd.path(f"/run/{NAME}").exists()
     assert not c.sd.path(f"/etc/systemd/system/{NAME}-task.timer").exists()
     assert not c.sd.list_units(f"{NAME}-task.*")
@@ -188,21 +183,14 @@ def test_a_bad_datagram_is_logged_and_dropped(cluster: Cluster) -> None:
 
 def test_task_unit_is_hardened_like_the_workers(sandbox: sb.Sandbox, tmp_path: Path) -> None:
     """The default (DynamicUser, User=NAME) task unit scores like the workers under systemd-analyze security."""
-    from tests.test_e2e_hardening import EXPOSURE_BOUND, exposure
-
     if not Path("/usr/bin/python3").exists():
         pytest.skip("no /usr/bin/python3 to name in ExecStart")
-    plan = build_plan(app="examples.users:app", name="scoretask", workers="1", listen=["127.0.0.1:8451"],
-                      working_dir=str(REPO), python="/usr/bin/python3", every="1min", task="examples.users:count_users",
-                      check=False)
-    gen.write(plan, tmp_path / "scoretask")
     sd = Systemd(sandbox=sandbox.name)
-    ops.install(sd, tmp_path / "scoretask", progress=lambda m: None)
-    try:
+    with installed(sd, tmp_path / "scoretask", start=False, app="examples.users:app", name="scoretask", workers="1",
+                   listen=["127.0.0.1:8451"], working_dir=str(REPO), python="/usr/bin/python3", every="1min",
+                   task="examples.users:count_users", check=False):
         task_user = sd.show(["scoretask-task.service"], ("User", "DynamicUser"))[0]
         assert task_user == {"User": "clusterctl-scoretask", "DynamicUser": "yes"}
         task, workers = exposure(sandbox, "scoretask-task.service"), exposure(sandbox, "scoretask@1.service")
         print(f"\nexposure: task unit {task}, worker unit {workers}")
         assert task <= EXPOSURE_BOUND
-    finally:
-        ops.uninstall(sd, "scoretask", progress=lambda m: None)

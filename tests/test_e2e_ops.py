@@ -128,6 +128,7 @@ def test_operations_lifecycle(sandbox: sb.Sandbox, units: Path) -> None:
     assert [i["instance"] for i in st["instances"] if i["state"] == "active"] == ["1"]
     assert "+K or -K" in clusterctl("scale", NAME, "many", "--sandbox", s, ok=False)
     assert clusterctl("scale", NAME, "+1", "--sandbox", s).strip().endswith("2 workers (was 1)")
+    assert json.loads(sd.path(f"/etc/systemd/system/{NAME}.plan.json").read_text())["workers"] == 2  # re-rendered
 
     # logs from every instance that ran, merged, each prefixed with its instance
     out = clusterctl("logs", NAME, "-n", "400", "--sandbox", s)
@@ -139,7 +140,7 @@ def test_operations_lifecycle(sandbox: sb.Sandbox, units: Path) -> None:
 
     # uninstall leaves nothing: no unit files, no manifest, no units loaded
     out = clusterctl("uninstall", NAME, "--sandbox", s)
-    assert out.count("removed ") == 3
+    assert out.count("removed ") == 4  # the three units and the plan file beside them
     assert not list(sd.path("/etc/systemd/system").glob(f"{NAME}*"))
     assert not sd.path(f"/var/lib/clusterctl/{NAME}.json").exists()
     assert [u for u in sd.list_units(f"{NAME}*") if "not-found" not in u] == []

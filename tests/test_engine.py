@@ -19,12 +19,10 @@ import pytest
 
 from clusterctl.http.server import Limits
 from clusterctl.http.wsgi import WsgiServer
-from tests.engine_thread import EngineThread
+from tests.engine_thread import SMALL, EngineThread, Reader
 
 pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
 
-SMALL = Limits(keepalive_timeout=0.2, header_timeout=0.3, body_timeout=0.3, max_request_line=200,
-               max_header_size=1024, max_headers=20, max_body_size=10_000, max_connections=50)
 
 
 class Engine(EngineThread):
@@ -73,46 +71,6 @@ def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> lis
             f"proto={environ['SERVER_PROTOCOL']}\n").encode()
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [info + body]
-
-
-# -- a tiny HTTP/1.1 client that reads exactly one response at a time ---------------------------------------
-
-class Reader:
-    def __init__(self, sock: socket.socket) -> None:
-        self.f = sock.makefile("rb")
-
-    def response(self, head: bool = False) -> tuple[int, dict[str, str], bytes]:
-        line = self.f.readline()
-        if not line:
-            raise ConnectionError("closed")
-        status = int(line.split()[1])
-        headers: dict[str, str] = {}
-        while True:
-            h = self.f.readline()
-            if h in (b"\r\n", b""):
-                break
-            k, _, v = h.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
-        if head or status in (100, 204, 304):
-            return status, headers, b""
-        if "content-length" in headers:
-            return status, headers, self.f.read(int(headers["content-length"]))
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size = int(self.f.readline().split(b";")[0], 16)
-                if size == 0:
-                    self.f.readline()
-                    return status, headers, body
-                body += self.f.read(size)
-                assert self.f.read(2) == b"\r\n"
-        return status, headers, self.f.read()
-
-    def closed(self) -> bool:
-        try:
-            return self.f.read(1) == b""
-        except (ConnectionResetError, TimeoutError):
-            return False
 
 
 def exchange(e: Engine, data: bytes, n: int = 1, head: bool = False) -> tuple[list[int], list[bytes], bool]:

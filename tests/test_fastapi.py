@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_runtime import Worker, assert_fails_before_ready, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 
 from clusterctl import messaging
+from tests.workerproc import Worker, assert_fails_before_ready, connect_when_listening
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -96,14 +96,14 @@ async def ws_echo(ws: WebSocket):
 '''
 
 
-def start(spawn: Callable[..., Worker], tmp_path: Path, **env: str) -> Worker:  # noqa: F811
+def start(spawn: Callable[..., Worker], tmp_path: Path, **env: str) -> Worker:
     (tmp_path / "fapp.py").write_text(FASTAPI_APP)
     (tmp_path / "run").mkdir(exist_ok=True)
     return spawn("--app", "fapp:app", "--no-access-log", "--instance", "1", cwd=tmp_path,
                  env={"BG_MARK": str(tmp_path / "bg"), "RUNTIME_DIRECTORY": str(tmp_path / "run"), **env})
 
 
-def test_fastapi_app_through_socket_activation(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_fastapi_app_through_socket_activation(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     w = start(spawn, tmp_path, STARTUP_DELAY="0.6")
     first = connect_when_listening(w.port)
     t0 = time.monotonic()
@@ -137,7 +137,7 @@ def test_fastapi_app_through_socket_activation(spawn: Callable[..., Worker], tmp
     assert w.proc.wait(10) == 0
 
 
-def test_messaging_from_a_fastapi_app(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_messaging_from_a_fastapi_app(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     """Broadcasts reach `worker.state` and both handlers; the async one awaits while requests go on."""
     w = start(spawn, tmp_path)
     connect_when_listening(w.port).close()
@@ -159,5 +159,5 @@ def test_messaging_from_a_fastapi_app(spawn: Callable[..., Worker], tmp_path: Pa
     assert "never awaited" not in err and "raised" not in err
 
 
-def test_failing_startup_exits_nonzero(spawn: Callable[..., Worker], tmp_path: Path) -> None:  # noqa: F811
+def test_failing_startup_exits_nonzero(spawn: Callable[..., Worker], tmp_path: Path) -> None:
     assert_fails_before_ready(start(spawn, tmp_path, FAIL_STARTUP="1"), "cache warm-up failed")

@@ -69,7 +69,7 @@ def test_listen_forms(value: str, unit: str, url: str) -> None:
 def test_shared_layout(appdir: Path) -> None:
     plan = build_plan(app="myapp:app", name="web", workers="3", listen=["8080"], check=False)
     files = gen.render(plan)
-    assert sorted(files) == ["web.socket", "web.target", "web@.service"]
+    assert sorted(files) == ["web.plan.json", "web.socket", "web.target", "web@.service"]
     sock, svc, target = files["web.socket"], files["web@.service"], files["web.target"]
     assert "ListenStream=8080\n" in sock
     assert "ReusePort=yes\n" in sock
@@ -90,7 +90,7 @@ def test_shared_layout(appdir: Path) -> None:
 def test_reuseport_layout(appdir: Path) -> None:
     plan = build_plan(app="myapp:app", name="web", workers="2", balance="reuseport", check=False)
     files = gen.render(plan)
-    assert sorted(files) == ["web-listen@.socket", "web.target", "web@.service"]
+    assert sorted(files) == ["web-listen@.socket", "web.plan.json", "web.target", "web@.service"]
     assert "Service=web@%i.service\n" in files["web-listen@.socket"]
     assert "ReusePort=yes\n" in files["web-listen@.socket"]
     assert "Sockets=web-listen@%i.socket\n" in files["web@.service"]
@@ -199,7 +199,8 @@ def test_generate_writes_verified_units(appdir: Path) -> None:
     assert code == 0, out
     assert "workers: 2 (from --workers)" in out
     assert "(verified)" in out
-    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web.socket", "web.target", "web@.service"]
+    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web.plan.json", "web.socket", "web.target",
+                                                                        "web@.service"]
 
 
 def test_verbose_explains_auto_sizing(appdir: Path) -> None:
@@ -222,7 +223,8 @@ def test_rerun_shows_diff_and_needs_force(appdir: Path) -> None:
     code, out = generate("--app", "myapp:app", "--name", "web", "--workers", "3", "--balance", "reuseport", "--force")
     assert code == 0, out
     assert "removed" in out
-    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web-listen@.socket", "web.target", "web@.service"]
+    assert sorted(p.name for p in (appdir / "units/web").iterdir()) == ["web-listen@.socket", "web.plan.json",
+                                                                        "web.target", "web@.service"]
 
 
 BAD_INPUTS = [
@@ -347,8 +349,8 @@ def test_error_type_is_user_facing() -> None:
 
 # --- the header's regenerate command --------------------------------------------------------------
 
-# A value other than the default for every option of build_plan that a user sets (check/budget are not
-# options of the plan; --workers auto is resolved, so a number stands for it).
+# A value other than the default for every plan option (plan.PlanOptions) that shapes the units (check_import
+# does not; --workers auto is resolved, so a number stands for it).
 NON_DEFAULT = {
     "app": "myapp:app", "name": "web", "workers": "3", "listen": ("127.0.0.1:9001", "[::1]:9002"),
     "balance": "reuseport", "user": "www-data", "working_dir": "/srv", "python": "/usr/bin/python3",
@@ -377,10 +379,10 @@ def _replan(command: str) -> object:
                                      {**NON_DEFAULT, "harden": False, "protect_home": "read-only"}],
                          ids=["defaults", "every-option", "no-harden"])
 def test_header_command_rebuilds_the_same_plan(appdir: Path, options: dict[str, object]) -> None:
-    import inspect
+    from clusterctl.plan import plan_option_specs
 
-    settable = set(inspect.signature(build_plan).parameters) - {"check", "budget"}
-    assert set(NON_DEFAULT) == settable, "a new build_plan option: give it a non-default value here"
+    settable = {key for key, _, _ in plan_option_specs()} - {"check_import"}
+    assert set(NON_DEFAULT) == settable, "a new plan option: give it a non-default value here"
     plan = build_plan(**options, check=False)  # type: ignore[arg-type]
     header = gen.render(plan)[f"{plan.name}@.service"].splitlines()[1]
     assert header.startswith("# clusterctl generate ")
@@ -406,3 +408,32 @@ def test_drain_shorter_than_timeout_is_warned_about(appdir: Path) -> None:
     assert not [w for w in build_plan(app="myapp:app", workers="1", check=False).warnings if "--timeout" in w]
     plan = build_plan(app="myapp:app", workers="1", timeout=120, check=False)
     assert any("--drain-timeout 30 is shorter than --timeout 120" in w for w in plan.warnings)
+
+
+# --- the plan file beside the units (what ops and scale re-render from) ----------------------------
+
+def test_plan_file_round_trips(appdir: Path) -> None:
+    from clusterctl.plan import plan_from_json, plan_to_json
+
+    for options in (NON_DEFAULT, {"app": "myapp:app", "listen": ("unix:/run/web.sock",)}):
+        plan = build_plan(**options, check=False)  # type: ignore[arg-type]
+        assert plan_from_json(plan_to_json(plan), "x") == plan
+        assert gen.render(plan)[f"{plan.name}.plan.json"] == plan_to_json(plan)
+
+
+def test_unreadable_plan_file_is_one_error_with_the_fix() -> None:
+    from clusterctl.plan import plan_from_json
+
+    for text in ("{", '{"format": 99}', '{"format": 1, "name": "web"}'):
+        with pytest.raises(ClusterctlError, match=r"web.plan.json is not a plan .*regenerate the units"):
+            plan_from_json(text, "web.plan.json")
+
+
+def test_output_from_before_the_plan_file_is_completed_without_force(appdir: Path) -> None:
+    """Units an older clusterctl wrote (no NAME.plan.json) are up to date but for the plan file: generate
+    adds it instead of refusing to overwrite."""
+    plan = build_plan(app="myapp:app", name="web", workers="1", check=False)
+    gen.write(plan, appdir / "out", check_units=False)
+    (appdir / "out/web.plan.json").unlink()
+    assert gen.write(plan, appdir / "out", check_units=False).changed
+    assert (appdir / "out/web.plan.json").is_file()

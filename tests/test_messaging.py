@@ -273,7 +273,8 @@ def plan_kw(**kw: Any) -> dict[str, Any]:
 
 def test_task_units_render() -> None:
     files = gen.render(build_plan(**plan_kw(every="10s", task="examples.users:count_users")))
-    assert sorted(files) == ["users-task.service", "users-task.timer", "users.socket", "users.target", "users@.service"]
+    assert sorted(files) == ["users-task.service", "users-task.timer", "users.plan.json", "users.socket", "users.target",
+                            "users@.service"]
     timer, svc, target = files["users-task.timer"], files["users-task.service"], files["users.target"]
     assert "OnUnitActiveSec=10s\n" in timer and "OnActiveSec=0\n" in timer and "Unit=users-task.service\n" in timer
     assert "PartOf=users.target\n" in timer
@@ -438,12 +439,13 @@ def test_task_fails_when_its_result_cannot_be_saved(taskmod: Path, small_fs: Pat
 
 
 def test_cli_broadcast_not_saved_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterctl import delivery as control
     from clusterctl.cli import messaging as cli_messaging
 
     delivery = messaging.Delivery("broadcast", 7, received=["1", "2"],
                                   not_saved="cannot write /run/web/state.json: No space left on device")
     monkeypatch.setattr(cli_messaging, "locate", lambda name, sandbox, user, doing: None)
-    monkeypatch.setattr(cli_messaging, "_deliver", lambda sd, name, msg, instance: delivery)
+    monkeypatch.setattr(control, "deliver", lambda sd, name, msg, instance: delivery)
     r = CliRunner().invoke(cli, ["broadcast", "web", '{"a": 1}'])
     assert r.exit_code == 2, r.output
     assert "received by 2/2 instance(s): 1, 2; NOT saved as state (cannot write /run/web/state.json: No space" in r.output

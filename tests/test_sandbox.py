@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from clusterctl import forwarder
 from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.errors import ClusterctlError
@@ -158,7 +159,7 @@ def test_forward_exposes_port_on_host(sandbox: sb.Sandbox, http_unit: str) -> No
             sock = socket.create_connection(("127.0.0.1", host_port), timeout=5)
             assert _http_get(sock, "/hello.txt").endswith(b"hello from the sandbox\n")
     finally:
-        sb.unforward(sandbox.name, host_port)
+        forwarder.unforward(sandbox.name, host_port)
     deadline = time.monotonic() + 5
     while Path(f"/proc/{fpid}").exists() and b"clusterctl" in Path(f"/proc/{fpid}/cmdline").read_bytes():
         assert time.monotonic() < deadline

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_runtime import Worker, connect_when_listening, spawn  # noqa: F401  (spawn: fixture)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
@@ -30,6 +29,7 @@ from clusterctl.http import websocket
 from clusterctl.http.asgi import WS_MAX_SIZE, AsgiServer
 from clusterctl.http.server import Limits
 from tests.engine_thread import EngineThread
+from tests.workerproc import Worker, connect_when_listening
 
 REPO = Path(__file__).resolve().parent.parent
 seen: list[dict[str, Any]] = []        # websocket scopes the app got
@@ -415,14 +415,14 @@ def test_starlette_websocket() -> None:
         e.stop()
 
 
-def test_sigterm_closes_websockets_1001_and_status_counts_them(spawn: Callable[..., Worker]) -> None:  # noqa: F811
+def test_sigterm_closes_websockets_1001_and_status_counts_them(spawn: Callable[..., Worker]) -> None:
     w = spawn("--app", "examples.wsecho:app", "--no-access-log", "--drain-timeout", "10")
     connect_when_listening(w.port).close()
     w.notify.wait_for("READY=1")
 
     async def go() -> list[int]:
         clients = await open_clients(f"ws://127.0.0.1:{w.port}/ws", 3)
-        await asyncio.to_thread(w.notify.wait_for, "websockets 3", 5)
+        await asyncio.to_thread(w.notify.wait_for, "websockets=3", 5)
         os.kill(w.proc.pid, signal.SIGTERM)
         return [await close_code(c) for c in clients]
 
@@ -432,7 +432,7 @@ def test_sigterm_closes_websockets_1001_and_status_counts_them(spawn: Callable[.
     assert time.monotonic() - t0 < 8
 
 
-def test_drain_deadline_cuts_a_client_that_never_answers_the_close(spawn: Callable[..., Worker]) -> None:  # noqa: F811
+def test_drain_deadline_cuts_a_client_that_never_answers_the_close(spawn: Callable[..., Worker]) -> None:
     """A client that neither reads nor answers 1001 holds the worker only until --drain-timeout (exit 1)."""
     w = spawn("--app", "examples.wsecho:app", "--no-access-log", "--drain-timeout", "1")
     s = connect_when_listening(w.port)
@@ -449,11 +449,11 @@ def test_drain_deadline_cuts_a_client_that_never_answers_the_close(spawn: Callab
 
 
 def test_status_column_only_where_workers_report_websockets() -> None:
+    from clusterctl import statusline
     from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, ws_column
-    from clusterctl.ops import parse_websockets
 
-    assert parse_websockets("requests served 5, in flight 0, errors 0, connections 3, websockets 2") == 2
-    assert parse_websockets("requests served 5, in flight 0, errors 0, connections 3") is None  # a WSGI worker
+    assert statusline.parse("served=5 in_flight=0 errors=0 connections=3 websockets=2").get("websockets") == 2
+    assert statusline.parse("served=5 in_flight=0 errors=0 connections=3").get("websockets") is None  # WSGI worker
     rows = [{"instance": "1", "websockets": 2}, {"instance": "2", "websockets": None}]
     ws = ws_column(rows)
     assert ws == ["websockets"] and [instance_cells(r, ws)[-1] for r in rows] == ["2", "-"]
@@ -642,7 +642,7 @@ def test_interval_0_sends_no_pings_and_closes_nobody(pinging: Pinging) -> None:
         s.sendall(client.send(CloseConnection(code=1000)))
 
 
-def test_worker_flags_reach_the_keepalive(spawn: Callable[..., Worker]) -> None:  # noqa: F811
+def test_worker_flags_reach_the_keepalive(spawn: Callable[..., Worker]) -> None:
     """--ws-ping-interval/--ws-ping-timeout through the real worker's command line."""
     w = spawn("--app", "examples.wsecho:app", "--no-access-log", "--ws-ping-interval", "0.3",
               "--ws-ping-timeout", "0.3")

@@ -13,20 +13,7 @@ from clusterctl import config
 from clusterctl import generate as gen
 from clusterctl.cli import cli
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import (
-    BACKLOG,
-    DRAIN_TIMEOUT,
-    TIMEOUT,
-    WATCHDOG_SEC,
-    WS_DEFLATE,
-    WS_MAX_SIZE,
-    WS_PING_INTERVAL,
-    WS_PING_TIMEOUT,
-    Plan,
-    build_plan,
-    default_name,
-    parse_bytes,
-)
+from clusterctl.plan import OptionSpec, Plan, build_plan, default_name, parse_bytes, plan_option_specs
 
 
 class _Bytes(click.ParamType):
@@ -41,72 +28,32 @@ class _Bytes(click.ParamType):
         return parse_bytes(str(value), f"--{param.name.replace('_', '-')}" if param and param.name else "size")
 
 
-_PLAN_OPTIONS = [
-    click.option("--app", metavar="MODULE:CALLABLE",
-                 help="The WSGI/ASGI app, e.g. myproject.wsgi:application (default: every app of ./clusterctl.toml)."),
-    click.option("--name", metavar="NAME", help="Unit name prefix (default: the app module's last part)."),
-    click.option("--workers", default="auto", show_default=True, metavar="auto|N",
-                 help="Worker instances; auto = usable CPUs (affinity and cgroup quota)."),
-    click.option("--listen", multiple=True, metavar="ADDR",
-                 help="PORT, IPv4:PORT, [IPv6]:PORT or unix:/path; repeatable (default 127.0.0.1:8000)."),
-    click.option("--balance", type=click.Choice(["shared", "reuseport"]), default="shared", show_default=True,
-                 help="shared: one socket, one queue; reuseport: a socket per worker, kernel-hashed."),
-    click.option("--user", metavar="USER", help="Run the workers as this user (default: a DynamicUser= per worker)."),
-    click.option("--working-dir", metavar="DIR", help="Directory the app is imported from (default: cwd)."),
-    click.option("--python", metavar="PATH", help="Interpreter with the app and clusterctl installed (default: this one)."),
-    click.option("--env", multiple=True, metavar="KEY=VALUE", help="Environment for the workers; repeatable."),
-    click.option("--memory-max", metavar="SIZE", help="Hard memory limit per worker (MemoryMax=), e.g. 512M."),
-    click.option("--memory-high", metavar="SIZE", help="Soft memory limit per worker, reclaimed above (MemoryHigh=)."),
-    click.option("--cpu-quota", metavar="PCT", help="CPU limit per worker (CPUQuota=), e.g. 150%."),
-    click.option("--tasks-max", metavar="N", help="Most threads and processes per worker (TasksMax=), e.g. 64."),
-    click.option("--harden/--no-harden", default=True, show_default=True,
-                 help="Sandbox the workers (ProtectSystem=strict, no capabilities, syscall filter; see README: Hardening)."),
-    click.option("--rw-path", multiple=True, metavar="DIR",
-                 help="A directory the workers may write (ReadWritePaths=); everything else is read-only. Repeatable."),
-    click.option("--protect-home", type=click.Choice(["no", "read-only", "tmpfs", "yes"]), default=None,
-                 help="ProtectHome= (default: yes, or read-only when the app or python lives under /home or /root)."),
-    click.option("--allow-wx", is_flag=True,
-                 help="Drop MemoryDenyWriteExecute= for libraries that need W+X memory (cffi ABI-mode ffi.callback(), JITs)."),
-    click.option("--backlog", type=int, default=BACKLOG, show_default=True, help="Listen queue length (Backlog=)."),
-    click.option("--drain-timeout", type=int, default=DRAIN_TIMEOUT, show_default=True,
-                 help="Seconds a stopping worker may finish in-flight requests."),
-    click.option("--watchdog-sec", type=int, default=WATCHDOG_SEC, show_default=True,
-                 help="Restart a worker whose event loop is blocked this long outside a request's app code (0: off)."),
-    click.option("--timeout", type=int, default=TIMEOUT, show_default=True, metavar="SECONDS",
-                 help="Replace a worker whose request has run app code this long (named in the journal; gunicorn's --timeout)."),
-    click.option("--interface", type=click.Choice(["auto", "wsgi", "asgi"]), default="auto", show_default=True,
-                 help="The app's interface: auto detects WSGI, ASGI 3 or ASGI 2 when the worker imports it."),
-    click.option("--ws-max-size", type=_Bytes(), default=WS_MAX_SIZE, show_default=True, metavar="BYTES",
-                 help="ASGI WebSockets: largest message (bytes; K, M, G allowed); a larger one closes with 1009."),
-    click.option("--ws-per-message-deflate/--no-ws-per-message-deflate", default=WS_DEFLATE, show_default=True,
-                 help="ASGI WebSockets: accept permessage-deflate compression when the client offers it."),
-    click.option("--ws-ping-interval", type=float, default=WS_PING_INTERVAL, show_default=True, metavar="SECONDS",
-                 help="ASGI WebSockets: send a keepalive ping this often (0: no pings)."),
-    click.option("--ws-ping-timeout", type=float, default=WS_PING_TIMEOUT, show_default=True, metavar="SECONDS",
-                 help="ASGI WebSockets: close with 1011 when nothing came back this long after a ping."),
-    click.option("--worker-args", multiple=True, metavar="'OPTIONS'",
-                 help="More worker options for ExecStart=, checked by the worker's parser, e.g. "
-                      "--worker-args '--threads 8 --max-requests 1000 --keepalive-timeout 75'; repeatable."),
-    click.option("--every", metavar="SPAN",
-                 help="Run --task this often (a systemd time span: 10s, 5min); NAME-task.timer + NAME-task.service."),
-    click.option("--task", metavar="MODULE:FUNC",
-                 help="Periodic primary task: FUNC's returned JSON object is broadcast to every worker (worker.state)."),
-    click.option("--check-import/--no-check-import", default=True, show_default=True,
-                 help="Import the app (and --task) with the target python before writing anything."),
-]
+def _click_option(key: str, default: Any, spec: OptionSpec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one row of the plan options table (plan.PlanOptions)."""
+    kw: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar, "show_default": spec.show_default}
+    if isinstance(default, tuple):
+        kw["multiple"] = True
+    elif isinstance(default, bool) and "/" not in spec.flag:
+        kw["is_flag"] = True
+    else:
+        kw["default"] = default
+    if spec.choices:
+        kw["type"], kw["metavar"] = click.Choice(spec.choices), None
+    elif spec.bytes:
+        kw["type"] = _Bytes()
+    elif type(default) in (int, float):
+        kw["type"] = type(default)
+    return click.option(spec.flag, key, **kw)
 
 
 def plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that make a Plan, shared by every command that builds one."""
-    for option in reversed(_PLAN_OPTIONS):
-        f = option(f)
+    """The options that make a Plan, shared by every command that builds one (from plan.PlanOptions)."""
+    for key, default, spec in reversed(plan_option_specs()):
+        f = _click_option(key, default, spec)(f)
     return f
 
 
-PLAN_KEYS = ("app", "name", "workers", "listen", "balance", "user", "working_dir", "python", "env",
-             "memory_max", "memory_high", "cpu_quota", "tasks_max", "harden", "rw_path", "protect_home", "allow_wx",
-             "backlog", "drain_timeout", "watchdog_sec", "timeout", "interface", "ws_max_size", "ws_per_message_deflate",
-             "ws_ping_interval", "ws_ping_timeout", "worker_args", "every", "task", "check_import")
+PLAN_KEYS = tuple(key for key, _, _ in plan_option_specs())
 
 
 def plans_from_options(options: dict[str, Any]) -> list[Plan]:
@@ -135,10 +82,8 @@ def plans_from_options(options: dict[str, Any]) -> list[Plan]:
 
 
 def _plan(values: dict[str, Any], app: config.AppConfig | None, from_file: set[str]) -> Plan:
-    kwargs = dict(values)
-    check = kwargs.pop("check_import")
     try:
-        plan = build_plan(**kwargs, check=check)
+        plan = build_plan(**values)
     except ClusterctlError as e:
         # name the file when the value that failed came from it ("--memory-max '1' ..." -> its key)
         key = next((k for k in from_file if e.message.startswith(f"--{k.replace('_', '-')} ")), None)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -16,13 +12,11 @@ from typing import Any
 import click
 
 from clusterctl import config, converge, ops, registry
-from clusterctl import generate as gen
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
 from clusterctl.cli.generate import plan_options, plans_from_options
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import Plan, tmp_binds, under
+from clusterctl.plan import Plan
 from clusterctl.systemd import Systemd
 
 
@@ -39,6 +33,13 @@ def _sd(sandbox: str | None, user_manager: bool) -> Systemd:
     return Systemd(sandbox=sandbox, user=user_manager)
 
 
+def _checked(name: str, sandbox: str | None, user_manager: bool, doing: str) -> Systemd:
+    """Where cluster NAME runs (registry.locate), its manager answering."""
+    sd = registry.locate(name, sandbox, user_manager, doing=doing)
+    sd.check()
+    return sd
+
+
 def names_here(name: str | None, command: str) -> list[str]:
     """NAME, or with none given every app of the clusterctl.toml in this directory."""
     if name:
@@ -51,20 +52,6 @@ def names_here(name: str | None, command: str) -> list[str]:
 
 
 # --- up / down ---------------------------------------------------------------------------------------
-
-def _check_host_port(port: int, sandbox: str) -> None:
-    """Fail before anything starts if the host port a sandboxed cluster is forwarded to is taken
-    (a forwarder of this same sandbox holding it is fine: `up` replaces it)."""
-    if sb.is_running(sandbox) and (sb.state_dir(sandbox) / f"forward-{port}.pid").exists():
-        return
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise ClusterctlError(f"port {port} on the host's loopback is in use ({e.strerror})",
-                                  "pass --host-port with a free port, or stop what listens there") from None
-
 
 @cli.command()
 @plan_options
@@ -98,73 +85,12 @@ def up(use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None
 
 def _up_one(plan: Plan, use_sandbox: bool | None, sandbox_name: str | None, host_port: int | None,
             output: Path | None, force: bool) -> None:
-    name = plan.name
-    record = registry.load(name)
-    was_sandboxed = record is not None and record.where == "sandbox"
-    sandboxed = use_sandbox if use_sandbox is not None else (was_sandboxed if record else not registry.host_has_systemd())
-    if not sandboxed and not registry.host_has_systemd():
-        raise ClusterctlError("--no-sandbox: systemd is not running as PID 1 on this host, so there is nothing to run "
-                              "the cluster in; nothing was written", "leave --no-sandbox out: up then boots a sandbox")
-    box = sandbox_name or (record.sandbox if record and was_sandboxed else None) or name
-    sd = Systemd(sandbox=box if sandboxed else None)
-    running = not sandboxed or sb.is_running(box)
-    ports = [(host_port or int(a.port or 0), int(a.port or 0)) for a in plan.listen if a.kind == "tcp"]
-    if sandboxed:
-        for hp, _ in ports:
-            _check_host_port(hp, box)
-        if running and not sd.path(plan.working_dir).is_dir():
-            raise ClusterctlError(f"sandbox {box} was booted without {plan.working_dir}, so its workers cannot see it",
-                                  f"take it down first (clusterctl down {name}), then run up again")
-    change = converge.compare(sd, plan, gen.render(plan)) if running else None
-    if change is not None:
-        converge.refuse_unless_forced(plan, change, force)
-    out = output if output is not None else registry.units_dir(name)
-    result = gen.write(plan, out, force=True)
-    click.echo(f"{out}: {'written' if result.changed else 'up to date'} ({plan.workers} workers, {plan.balance} socket)")
-    booted = bool(record and record.booted_sandbox and record.sandbox == box)
-    if sandboxed and not running:
-        # The app's directory and a /tmp python as they are on the host (read-only), each --rw-path writable.
-        needed = [*([] if under(plan.working_dir, plan.rw_paths) else [plan.working_dir]),
-                  *tmp_binds([plan.python, os.path.realpath(plan.python)])]
-        seconds = sb.up(box, [(p, p, True) for p in dict.fromkeys(needed)] + [(p, p, False) for p in plan.rw_paths])
-        booted = True
-        click.echo(f"sandbox {box}: real systemd booted in {seconds:.2f}s (pid {sb.pid(box)})")
-    registry.save(registry.Record(name, registry.where_of(sd), sd.sandbox, str(out.resolve()), plan.config,
-                                  tuple(hp for hp, _ in ports) if sandboxed else (), booted))
-    if change is None:
-        ops.install(sd, out, enable=True, start=False, progress=lambda m: None)
-        try:
-            ops.start_cluster(sd, name, progress=click.echo)
-        except ClusterctlError as e:
-            with contextlib.suppress(ClusterctlError):  # nothing left crash-looping; the journal stays for `logs`
-                ops.stop_cluster(sd, name, progress=lambda m: None)
-            raise ClusterctlError(f"{e.message}\n{name}: its workers are stopped",
-                                  f"see why with `clusterctl logs {name} -n 50`, fix it and run up again, or remove "
-                                  f"everything with `clusterctl down {name}`") from e
-    elif change.nothing:
-        ops.install(sd, out, enable=True, progress=lambda m: None)
-        ops.start_cluster(sd, name, progress=lambda m: None)
-        click.echo(f"{name}: up to date ({plan.workers} workers)")
-    else:
-        for line in change.summary(plan):
-            click.echo(f"{name}: {line}")
-        if change.diff:
-            click.echo(change.diff)
-        converge.apply(sd, plan, out, change, progress=click.echo)
-    urls = []
-    for address in plan.listen:
-        if sandboxed and address.kind == "tcp":
-            port = host_port or int(address.port or 0)
-            sb.unforward(box, port)
-            sb.forward(box, port, int(address.port or 0))
-            urls.append(f"http://127.0.0.1:{port}/ (forwarded into sandbox {box})")
-        else:
-            urls.append(address.url)
-    for old in set(record.forwards if record and record.sandbox == box else ()) - {hp for hp, _ in ports}:
-        sb.unforward(box, old)
+    sd, urls = converge.up(plan, use_sandbox=use_sandbox, sandbox_name=sandbox_name, host_port=host_port,
+                           output=output, force=force, progress=click.echo)
     for url in urls:
         click.echo(f"serving {plan.app} on {url}")
-    _print_status(ops.status(sd, name))
+    _print_status(ops.status(sd, plan.name))
+    name = plan.name
     click.echo(f"next: clusterctl status {name} | clusterctl reload {name} | clusterctl logs {name} | "
                f"clusterctl down {name}")
 
@@ -177,34 +103,7 @@ def down(name: str | None, sandbox: str | None, user_manager: bool) -> None:
 
     Without NAME, every app of the clusterctl.toml in this directory."""
     for n in names_here(name, "down"):
-        _down_one(n, sandbox, user_manager)
-
-
-def _down_one(name: str, sandbox: str | None, user_manager: bool) -> None:
-    record = registry.load(name)
-    try:
-        sd: Systemd | None = registry.locate(name, sandbox, user_manager, doing="take down")
-    except ClusterctlError:
-        if record is None:
-            raise
-        sd = None  # its sandbox is gone: only what is left on this side to remove
-        click.echo(f"{name}: {record.describe} is not running; removing what is left here")
-    if sd is not None and (record is None or (sd.path(sd.state_dir) / f"{name}.json").is_file()):
-        ops.uninstall(sd, name, progress=click.echo)
-    box = sd.sandbox if sd is not None else (record.sandbox if record else None)
-    if box and record is not None:
-        for port in record.forwards:
-            with contextlib.suppress(ClusterctlError):
-                sb.unforward(box, port)
-    others = [r for r in registry.records() if r.name != name and r.where == "sandbox" and r.sandbox == box]
-    if box and not others and ((record is not None and record.booted_sandbox) or (record is None and box == name)):
-        sb.down(box, missing_ok=True)
-        click.echo(f"sandbox {box}: down")
-    units = registry.units_dir(name)
-    if units.is_dir():
-        shutil.rmtree(units)
-        click.echo(f"removed {units}")
-    registry.forget(name)
+        converge.down(n, sandbox, user_manager, progress=click.echo)
 
 
 # --- install ------------------------------------------------------------------------------------------
@@ -221,15 +120,7 @@ def install(directory: Path | None, name: str | None, enable: bool, start: bool,
     if directory is None and name is None:
         raise ClusterctlError("install needs a directory of units or --name", "e.g. clusterctl install units/hello")
     source = directory if directory is not None else Path("units") / ops.check_name(name or "")
-    sd = _sd(sandbox, user_manager)
-    ops.install(sd, source, enable=enable, start=False, progress=click.echo)
-    installed = ops.source_name(source)
-    record = registry.load(installed)
-    registry.save(registry.Record(installed, registry.where_of(sd), sd.sandbox, str(source.resolve()),
-                                  record.config if record else None, record.forwards if record else (),
-                                  bool(record and record.booted_sandbox)))
-    if start:
-        ops.start_cluster(sd, installed, progress=click.echo)
+    converge.install(_sd(sandbox, user_manager), source, enable=enable, start=start, progress=click.echo)
 
 
 @cli.command()
@@ -246,9 +137,7 @@ def uninstall(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def start(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Start cluster NAME and wait until every worker is READY."""
-    sd = registry.locate(name, sandbox, user_manager, doing="start")
-    sd.check()
-    ops.start_cluster(sd, name, progress=click.echo)
+    ops.start_cluster(_checked(name, sandbox, user_manager, "start"), name, progress=click.echo)
 
 
 @cli.command()
@@ -256,9 +145,7 @@ def start(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def stop(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Stop cluster NAME: workers drain in-flight requests, then the socket closes."""
-    sd = registry.locate(name, sandbox, user_manager, doing="stop")
-    sd.check()
-    ops.stop_cluster(sd, name, progress=click.echo)
+    ops.stop_cluster(_checked(name, sandbox, user_manager, "stop"), name, progress=click.echo)
 
 
 @cli.command()
@@ -266,12 +153,7 @@ def stop(name: str, sandbox: str | None, user_manager: bool) -> None:
 @target_options
 def restart(name: str, sandbox: str | None, user_manager: bool) -> None:
     """Restart every worker at once (lossless: the socket stays open). Prefer `reload` for deploys."""
-    sd = registry.locate(name, sandbox, user_manager, doing="restart")
-    sd.check()
-    inst = ops.installed(sd, name)
-    t0 = time.monotonic()
-    sd.systemctl("restart", *[inst.service(i) for i in inst.instances])
-    click.echo(f"{name}: {inst.workers} workers restarted and READY in {time.monotonic() - t0:.2f}s")
+    ops.restart_cluster(_checked(name, sandbox, user_manager, "restart"), name, progress=click.echo)
 
 
 # --- status -------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from clusterctl import sandbox
+from clusterctl import forwarder, sandbox
 from clusterctl.cli import cli
 from clusterctl.errors import ClusterctlError
 
@@ -103,7 +103,7 @@ def ls_cmd() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Host address to listen on.")
 def forward_cmd(name: str, host_port: int, sandbox_port: int, host: str) -> None:
     """Expose sandbox NAME's 127.0.0.1:SANDBOX_PORT on the host's HOST:HOST_PORT (until down)."""
-    fpid = sandbox.forward(name, host_port, sandbox_port, host=host)
+    fpid = forwarder.forward(name, host_port, sandbox_port, host=host)
     click.echo(f"sandbox {name}: {host}:{host_port} -> sandbox 127.0.0.1:{sandbox_port} (pid {fpid})")
 
 
@@ -112,7 +112,7 @@ def forward_cmd(name: str, host_port: int, sandbox_port: int, host: str) -> None
 @click.argument("host_port", type=int)
 def unforward_cmd(name: str, host_port: int) -> None:
     """Stop forwarding HOST_PORT into sandbox NAME."""
-    sandbox.unforward(name, host_port)
+    forwarder.unforward(name, host_port)
 
 
 @sandbox_group.command("log")

@@ -18,15 +18,14 @@ Order of events, and why:
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import signal
 import socket
 import sys
-import traceback
 from typing import Any
 
+from clusterctl import appspec, probe, statusline
 from clusterctl.errors import ClusterctlError
 from clusterctl.http import asgi
 from clusterctl.http.loop import hide_running_loop
@@ -70,36 +69,7 @@ class WxHint(logging.Filter):
 
 def load_app(spec: str) -> WSGIApp:
     """Import MODULE:CALLABLE (CALLABLE defaults to `app`), the current directory first on sys.path."""
-    module_name, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if not module_name:
-        raise ClusterctlError(f"--app {spec!r} names no module", "write it as MODULE:CALLABLE, e.g. myapp:app")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ClusterctlError(
-                f"cannot import module {module_name!r} from {cwd}",
-                "run from the project directory (WorkingDirectory= in the unit) or fix --app") from e
-        raise ClusterctlError(f"importing {module_name!r} failed: {e}",
-                              "install the missing dependency into the app's environment") from e
-    except Exception as e:
-        traceback.print_exc()
-        raise ClusterctlError(f"importing {module_name!r} raised {type(e).__name__}: {e}",
-                              WX_FIX if needs_wx(e) else "fix the error in the app (traceback above)") from e
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise ClusterctlError(f"module {module_name!r} has no attribute {attr!r}",
-                                  "point --app at the WSGI or ASGI app, e.g. myapp:app") from e
-    if not callable(obj):
-        raise ClusterctlError(f"{spec} is a {type(obj).__name__}, not callable", "point --app at the WSGI or ASGI app")
-    return obj
+    return appspec.load(spec, os.getcwd(), default_attr="app", fix_for=lambda e: WX_FIX if needs_wx(e) else None)
 
 
 def take_sockets(cfg: WorkerConfig) -> list[Any]:
@@ -244,7 +214,7 @@ class Runtime:
         while not self.draining:
             attempt += 1
             answer = await self._probe(path)
-            if answer.startswith("2"):
+            if probe.healthy(answer):
                 log.info("ready: GET %s answered %s", path, answer)
                 return
             if attempt == 1 or attempt % 20 == 0:
@@ -260,16 +230,14 @@ class Runtime:
         try:
             transport, _ = await loop.connect_accepted_socket(self.server.protocol, ours)
             theirs.setblocking(False)
-            await loop.sock_sendall(theirs, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                                    .encode())
+            await loop.sock_sendall(theirs, probe.request(path))
             head = b""
             while b"\r\n" not in head:
                 chunk = await asyncio.wait_for(loop.sock_recv(theirs, 4096), timeout)
                 if not chunk:
                     break
                 head += chunk
-            line = head.partition(b"\r\n")[0].decode("latin-1")
-            return line.partition(" ")[2] or "no response"
+            return probe.answer(head)
         except (OSError, TimeoutError) as e:
             return f"no response ({e or type(e).__name__})"
         finally:
@@ -296,13 +264,10 @@ class Runtime:
     # -- periodic notify ---------------------------------------------------------------------------------
     def _status(self) -> None:
         s = self.server
-        state = "draining, " if self.draining else ""
-        text = (f"{state}requests served {s.served}, in flight {s.in_flight}, errors {s.errors}, "
-                f"connections {len(s.connections)}")
-        if isinstance(s, asgi.AsgiServer):
-            text += f", websockets {s.websockets}"
-        if self.access is not None and self.access.dropped:
-            text += f", access log lines dropped {self.access.dropped}"
+        text = statusline.format(
+            state="draining" if self.draining else None, served=s.served, in_flight=s.in_flight, errors=s.errors,
+            connections=len(s.connections), websockets=s.websockets if isinstance(s, asgi.AsgiServer) else None,
+            log_dropped=(self.access.dropped or None) if self.access is not None else None)
         if text != self.last_status:
             self.last_status = text
             notify.notify(status=text)
@@ -347,7 +312,7 @@ class Runtime:
         self.deadline = self.loop.time() + self.cfg.drain_timeout
         s = self.server
         log.info("%s: draining %d in flight, %d connection(s)", why, s.in_flight, len(s.connections))
-        notify.notify(stopping=True, status=f"draining ({why}): {s.in_flight} in flight")
+        notify.notify(stopping=True, status=statusline.format(state="draining", in_flight=s.in_flight, note=why))
         s.begin_drain()
         self._check_drained()
 

@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import inspect
 import os
 import sys
 from typing import Any
 
-from clusterctl import messaging
+from clusterctl import appspec, messaging
 
 
 def load_func(spec: str) -> Any:
     """Import MODULE:FUNC with the working directory first on sys.path (WorkingDirectory= in the unit)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--task {spec!r} is not MODULE:FUNC")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"--task {spec} is not callable")
-    return obj
+    return appspec.load(spec, os.getcwd(), option="--task", what="a function", example="myproject.tasks:count_users")
 
 
 def run_task(spec: str) -> dict[str, Any]:
