@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusterctl import generate as gen
-from clusterctl import ops, proc
-from clusterctl import sandbox as sb
-from clusterctl.cores import usable_cpus
+from clusterctl import proc
+from clusterctl.control import generate as gen
+from clusterctl.control import ops
+from clusterctl.control import sandbox as sb
+from clusterctl.control.cores import usable_cpus
+from clusterctl.control.plan import build_plan, readable_by_anyone
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import build_plan, readable_by_anyone
-from clusterctl.systemd import Systemd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -782,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="seconds-long loads, PM2 only where cheap: plumbing check")
     ap.add_argument("--only", nargs="*", choices=SECTIONS, default=None, help="run only these sections")
     ap.add_argument("--duration", type=int, default=0, help="seconds per measured wrk run (default 10, quick 1)")
-    ap.add_argument("--workers", type=int, default=0, help="N (default: usable cores, clusterctl.cores)")
+    ap.add_argument("--workers", type=int, default=0, help="N (default: usable cores, clusterctl.control.cores)")
     ap.add_argument("--smoke", action="store_true", help="--quick, ours only, one event: the test suite's check")
     ap.add_argument("--no-peers", action="store_true", help="clusterctl only")
     ap.add_argument("--access-log", action="store_true", help="keep our per-request access log on (journald)")

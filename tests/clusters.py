@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from clusterctl import generate as gen
-from clusterctl import ops
-from clusterctl import sandbox as sb
-from clusterctl.plan import build_plan
-from clusterctl.systemd import Systemd
+from clusterctl.control import generate as gen
+from clusterctl.control import ops
+from clusterctl.control import sandbox as sb
+from clusterctl.control.plan import build_plan
+from clusterctl.control.systemd import Systemd
 
 # The default units' `systemd-analyze security` exposure stays at or below this (lower is safer).
 EXPOSURE_BOUND = 2.0

@@ -1,6 +1,6 @@
 """Shared fixtures: a real systemd booted in a clusterctl sandbox, and testinfra pointed at it.
 
-* `sandbox` (session): a booted `clusterctl.sandbox.Sandbox` with the repo and the venv bound in
+* `sandbox` (session): a booted `clusterctl.control.sandbox.Sandbox` with the repo and the venv bound in
   read-only at the same paths (units can ExecStart `sys.executable`) and `sandbox_share`, a host dir
   bound read-write at the same path, for files both sides need (apps, configs, results).
 * `sandbox_host` (session): a testinfra Host answering from inside `sandbox` (all namespaces, net too).
@@ -25,7 +25,7 @@ import pytest
 import testinfra.host
 from testinfra.backend.base import BaseBackend, CommandResult
 
-from clusterctl import sandbox as sb
+from clusterctl.control import sandbox as sb
 from clusterctl.errors import ClusterctlError
 from tests.workerproc import Worker, spawner
 

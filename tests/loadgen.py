@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from clusterctl import sandbox as sb
+from clusterctl.control import sandbox as sb
 
 
 @dataclass

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from clusterctl.control.generate import worker_argv
+from clusterctl.control.plan import build_plan
 from clusterctl.errors import ClusterctlError
-from clusterctl.generate import worker_argv
 from clusterctl.http.asgi import AsgiServer, detect
 from clusterctl.http.server import Limits
-from clusterctl.plan import build_plan
 from tests.engine_thread import SMALL, EngineThread, Reader
 from tests.workerproc import SSA, Worker, assert_fails_before_ready, connect_when_listening
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import sandbox as sb
+from clusterctl.control import sandbox as sb
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.cores import cgroup_cpu_quota, usable_cpus
+from clusterctl.control.cores import cgroup_cpu_quota, usable_cpus
 
 V2_MOUNT = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
 V1_MOUNT = "31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct\n"

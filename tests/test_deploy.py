@@ -1,4 +1,4 @@
-"""clusterctl.deploy without hosts: option checks, release ids, and the one-line failure messages."""
+"""clusterctl.control.deploy without hosts: option checks, release ids, and the one-line failure messages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import deploy as dp
+from clusterctl.control import deploy as dp
 from clusterctl.errors import ClusterctlError
 
 

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.systemd import Systemd
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from tests.clusters import installed
 from tests.loadgen import Load
 from tests.worker_user import worker_user

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import ops
-from clusterctl import sandbox as sb
-from clusterctl.systemd import Systemd
+from clusterctl.control import ops
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from tests.clusters import install, uninstall
 from tests.loadgen import Load, request
 from tests.worker_user import worker_user

@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import ops, statusline
-from clusterctl import sandbox as sb
+from clusterctl import statusline
 from clusterctl.cli import cli
-from clusterctl.systemd import Systemd
+from clusterctl.control import ops
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from tests.clusters import install, uninstall
 from tests.loadgen import Load, request
 from tests.worker_user import share_app, worker_user

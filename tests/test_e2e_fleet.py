@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from clusterctl import deploy as dp
-from clusterctl import sandbox as sb
+from clusterctl.control import deploy as dp
+from clusterctl.control import sandbox as sb
 from tests.loadgen import request
 
 pytestmark = pytest.mark.systemd

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import ops
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.systemd import Systemd
+from clusterctl.control import ops
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from tests.clusters import EXPOSURE_BOUND, exposure, installed
 from tests.loadgen import request
 from tests.worker_user import worker_user

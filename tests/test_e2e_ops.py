@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
-from clusterctl.systemd import Systemd
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from tests.loadgen import Load
 from tests.worker_user import user_args
 

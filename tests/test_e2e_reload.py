@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 
 from clusterctl import messaging
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import CommandError
-from clusterctl.systemd import Systemd
 from tests.loadgen import Load, request
 from tests.worker_user import share_app, user_args
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
+from clusterctl.control import sandbox as sb
 from tests.ports import free_port
 from tests.worker_user import user_args
 

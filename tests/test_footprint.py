@@ -29,8 +29,9 @@ SSA = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-ac
 NEVER = {
     "click", "jinja2", "markupsafe",                                     # the CLI, the unit templates
     "wsproto", "h11",                                                    # WebSockets: only once one is upgraded
-    "clusterctl.cli", "clusterctl.plan", "clusterctl.generate", "clusterctl.ops", "clusterctl.systemd",
-    "clusterctl.sandbox", "clusterctl.deploy", "clusterctl.cores", "clusterctl.proc", "clusterctl.worker.task",
+    "clusterctl.cli", "clusterctl.control.plan", "clusterctl.control.generate", "clusterctl.control.ops",
+    "clusterctl.control.systemd", "clusterctl.control.sandbox", "clusterctl.control.deploy", "clusterctl.control.cores",
+    "clusterctl.proc", "clusterctl.worker.task",
     "argparse", "shutil", "gettext",          # the worker's own command line is parsed without argparse
     "pathlib", "json",                        # messaging: json only once a message or saved state arrives
     "systemd.journal", "systemd._reader", "systemd.id128", "uuid", "datetime",  # accesslog.py speaks journald's socket itself

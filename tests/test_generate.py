@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import generate as gen
 from clusterctl.cli import cli
-from clusterctl.cores import CpuBudget
+from clusterctl.control import generate as gen
+from clusterctl.control.cores import CpuBudget
+from clusterctl.control.plan import build_plan, parse_listen
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import build_plan, parse_listen
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_ARGS = ["--app", "examples.hello:app", "--name", "hello", "--workers", "2", "--python", "/usr/bin/python3",
@@ -379,7 +379,7 @@ def _replan(command: str) -> object:
                                      {**NON_DEFAULT, "harden": False, "protect_home": "read-only"}],
                          ids=["defaults", "every-option", "no-harden"])
 def test_header_command_rebuilds_the_same_plan(appdir: Path, options: dict[str, object]) -> None:
-    from clusterctl.plan import plan_option_specs
+    from clusterctl.control.plan import plan_option_specs
 
     settable = {key for key, _, _ in plan_option_specs()} - {"check_import"}
     assert set(NON_DEFAULT) == settable, "a new plan option: give it a non-default value here"
@@ -413,7 +413,7 @@ def test_drain_shorter_than_timeout_is_warned_about(appdir: Path) -> None:
 # --- the plan file beside the units (what ops and scale re-render from) ----------------------------
 
 def test_plan_file_round_trips(appdir: Path) -> None:
-    from clusterctl.plan import plan_from_json, plan_to_json
+    from clusterctl.control.plan import plan_from_json, plan_to_json
 
     for options in (NON_DEFAULT, {"app": "myapp:app", "listen": ("unix:/run/web.sock",)}):
         plan = build_plan(**options, check=False)  # type: ignore[arg-type]
@@ -422,7 +422,7 @@ def test_plan_file_round_trips(appdir: Path) -> None:
 
 
 def test_unreadable_plan_file_is_one_error_with_the_fix() -> None:
-    from clusterctl.plan import plan_from_json
+    from clusterctl.control.plan import plan_from_json
 
     for text in ("{", '{"format": 99}', '{"format": 1, "name": "web"}'):
         with pytest.raises(ClusterctlError, match=r"web.plan.json is not a plan .*regenerate the units"):

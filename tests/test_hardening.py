@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import generate as gen
 from clusterctl.cli import cli
+from clusterctl.control import generate as gen
+from clusterctl.control.plan import build_plan, readable_by_anyone
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import build_plan, readable_by_anyone
 
 HARDENING = ("CapabilityBoundingSet=", "AmbientCapabilities=", "NoNewPrivileges=yes", "ProtectSystem=strict",
              "PrivateTmp=yes", "PrivateDevices=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
@@ -91,7 +91,7 @@ def test_protect_home_default_and_explicit() -> None:
 
 
 def test_protect_home_relaxes_when_the_app_lives_in_a_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clusterctl.plan as plan_mod
+    import clusterctl.control.plan as plan_mod
     monkeypatch.setattr(plan_mod, "HOME_DIRS", (str(tmp_path),))
     app = tmp_path / "app"
     app.mkdir()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from clusterctl import plan as plan_mod
-from clusterctl import registry
 from clusterctl.cli import cli
+from clusterctl.control import plan as plan_mod
+from clusterctl.control import registry
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'hi']\n"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import converge, ops
-from clusterctl import generate as gen
+from clusterctl.control import converge, ops
+from clusterctl.control import generate as gen
+from clusterctl.control.plan import Plan, build_plan
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import Plan, build_plan
-from clusterctl.systemd import Systemd
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import generate as gen
 from clusterctl import messaging, worker
 from clusterctl.cli import cli
-from clusterctl.plan import build_plan, dynamic_user_name, timespan_seconds
+from clusterctl.control import generate as gen
+from clusterctl.control.plan import build_plan, dynamic_user_name, timespan_seconds
 from clusterctl.worker import task
 from clusterctl.worker.inbox import Inbox
 
@@ -439,8 +439,8 @@ def test_task_fails_when_its_result_cannot_be_saved(taskmod: Path, small_fs: Pat
 
 
 def test_cli_broadcast_not_saved_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clusterctl import delivery as control
     from clusterctl.cli import messaging as cli_messaging
+    from clusterctl.control import delivery as control
 
     delivery = messaging.Delivery("broadcast", 7, received=["1", "2"],
                                   not_saved="cannot write /run/web/state.json: No space left on device")

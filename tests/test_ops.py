@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from clusterctl.ops import ClusterStatus, InstanceStatus
+from clusterctl.control.ops import ClusterStatus, InstanceStatus
 
 LINE = re.compile(r'^(clusterctl_[a-z_]+)\{cluster="((?:[^"\\]|\\.)*)"(?:,instance="((?:[^"\\]|\\.)*)")?\} (-?[0-9.e+]+)$')
 

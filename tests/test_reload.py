@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import rollout
+from clusterctl.control import rollout
+from clusterctl.control.generate import render
+from clusterctl.control.plan import build_plan
 from clusterctl.errors import ClusterctlError
-from clusterctl.generate import render
-from clusterctl.plan import build_plan
 from clusterctl.worker import reload
 
 WORKER = ["/usr/bin/python3", "-m", "clusterctl.worker", "--app", "m:app", "--name", "web", "--instance", "2"]

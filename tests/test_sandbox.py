@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clusterctl import forwarder
-from clusterctl import sandbox as sb
 from clusterctl.cli import cli
+from clusterctl.control import forwarder
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError
 
 HTTP_PORT = 8123
 CAP_SYS_MODULE = 16
+
+
+def _systemctl(box: sb.Sandbox, *args: str, check: bool = True) -> str:
+    return Systemd(sandbox=box.name).systemctl(*args, check=check).stdout
 
 
 def _digest(path: Path) -> str:
@@ -53,8 +58,8 @@ def _install_http_unit(box: sb.Sandbox, unit: str, port: int, directory: str) ->
             f"ExecStart={sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {directory}\n"
             f"[Install]\nWantedBy=multi-user.target\n")
     box.exec(["tee", f"/etc/systemd/system/{unit}"], input=text)
-    box.systemctl("daemon-reload")
-    box.systemctl("enable", "--now", unit)
+    _systemctl(box, "daemon-reload")
+    _systemctl(box, "enable", "--now", unit)
     _wait_listening(box, port)
 
 
@@ -112,14 +117,14 @@ def test_capabilities_are_bounded(sandbox: sb.Sandbox) -> None:
 
 def test_systemd_is_pid1_and_systemctl_works(sandbox: sb.Sandbox) -> None:
     assert sandbox.exec(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
-    assert sandbox.systemctl("is-system-running", check=False).strip() in ("running", "degraded")
-    assert sandbox.systemctl("is-active", "systemd-journald.service").strip() == "active"
-    assert sandbox.systemctl("is-enabled", "systemd-sysctl.service", check=False).strip() == "masked"
+    assert _systemctl(sandbox, "is-system-running", check=False).strip() in ("running", "degraded")
+    assert _systemctl(sandbox, "is-active", "systemd-journald.service").strip() == "active"
+    assert _systemctl(sandbox, "is-enabled", "systemd-sysctl.service", check=False).strip() == "masked"
     assert sandbox.exec(["hostname"]).stdout.strip() == f"sandbox-{sandbox.name}"
 
 
 def test_installed_unit_serves_from_bound_venv(sandbox: sb.Sandbox, http_unit: str) -> None:
-    assert sandbox.systemctl("is-active", http_unit).strip() == "active"
+    assert _systemctl(sandbox, "is-active", http_unit).strip() == "active"
     # from the test process: one thread in the sandbox's network namespace
     assert _http_get(sandbox.connect(HTTP_PORT), "/hello.txt").endswith(b"hello from the sandbox\n")
     # a host program (the load-generator pattern) in the sandbox's network namespace only
@@ -153,7 +158,7 @@ def test_forward_exposes_port_on_host(sandbox: sb.Sandbox, http_unit: str) -> No
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         host_port = probe.getsockname()[1]
-    fpid = sandbox.forward(host_port, HTTP_PORT)
+    fpid = forwarder.forward(sandbox.name, host_port, HTTP_PORT)
     try:
         for _ in range(3):
             sock = socket.create_connection(("127.0.0.1", host_port), timeout=5)
@@ -310,6 +315,6 @@ def test_cli_up_exec_ls_down(sandbox_factory) -> None:
 
 def test_a_dotted_cluster_name_is_a_sandbox_name() -> None:
     """`clusterctl up --name my.app` names its sandbox after the cluster: the two rules are one."""
-    from clusterctl.plan import parse_name
+    from clusterctl.control.plan import parse_name
 
     assert sb.check_name(parse_name("my.app")) == "my.app"

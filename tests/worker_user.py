@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from clusterctl.plan import readable_by_anyone
+from clusterctl.control.plan import readable_by_anyone
 
 REPO = Path(__file__).resolve().parent.parent
 

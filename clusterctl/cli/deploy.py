@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from clusterctl import config
-from clusterctl import deploy as dp
 from clusterctl.cli import cli
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
+from clusterctl.control import config
+from clusterctl.control import deploy as dp
 from clusterctl.errors import ClusterctlError
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from clusterctl import config
-from clusterctl import generate as gen
 from clusterctl.cli import cli
+from clusterctl.control import config
+from clusterctl.control import generate as gen
+from clusterctl.control.plan import OptionSpec, Plan, build_plan, default_name, parse_bytes, plan_option_specs
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import OptionSpec, Plan, build_plan, default_name, parse_bytes, plan_option_specs
 
 
 class _Bytes(click.ParamType):

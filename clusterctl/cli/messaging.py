@@ -1,14 +1,14 @@
 """`clusterctl broadcast NAME JSON` and `clusterctl send NAME I JSON`: messages from the primary's side
-(you, a script, or the periodic task) to the workers, through clusterctl.delivery."""
+(you, a script, or the periodic task) to the workers, through clusterctl.control.delivery."""
 
 from __future__ import annotations
 
 import click
 
-from clusterctl import delivery, ops
 from clusterctl.cli import cli
 from clusterctl.cli.ops import target_options
-from clusterctl.registry import locate
+from clusterctl.control import delivery, ops
+from clusterctl.control.registry import locate
 
 
 @cli.command()

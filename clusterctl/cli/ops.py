@@ -11,13 +11,13 @@ from typing import Any
 
 import click
 
-from clusterctl import config, converge, ops, registry
 from clusterctl.cli import cli
 from clusterctl.cli.generate import plan_options, plans_from_options
 from clusterctl.cli.table import INSTANCE_HEAD, instance_cells, print_table, ws_column
+from clusterctl.control import config, converge, ops, registry
+from clusterctl.control.plan import Plan
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import Plan
-from clusterctl.systemd import Systemd
 
 
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -190,7 +190,7 @@ def status(name: str | None, as_json: bool, prometheus: bool, watch: bool, inven
     if prometheus and (as_json or watch or inventory is not None):
         raise ClusterctlError("--prometheus goes alone", "drop --json/--watch/--inventory; a timer or cron job "
                               "can rewrite a .prom file as often as it likes")
-    # --- fleet: the whole inventory, through clusterctl.deploy (NAME defaults to the inventory's) ---
+    # --- fleet: the whole inventory, through clusterctl.control.deploy (NAME defaults to the inventory's) ---
     if inventory is not None:
         from clusterctl.cli.deploy import print_fleet_status
 

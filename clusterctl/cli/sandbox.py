@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from clusterctl import forwarder, sandbox
 from clusterctl.cli import cli
+from clusterctl.control import forwarder, sandbox
 from clusterctl.errors import ClusterctlError
 
 _PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}

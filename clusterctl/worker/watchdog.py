@@ -31,7 +31,7 @@ from clusterctl.worker import notify
 
 log = logging.getLogger("clusterctl.worker")
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # clusterctl/
 TIMEOUT_EXIT = 1  # Restart=on-failure brings a fresh worker; the journal line says why
 
 
@@ -114,7 +114,7 @@ class Monitor:
         frame = sys._current_frames().get(thread)
         if frame is not None:
             frames = traceback.extract_stack(frame)
-            ours = [i for i, f in enumerate(frames) if os.path.dirname(f.filename) == _PACKAGE]
+            ours = [i for i, f in enumerate(frames) if f.filename.startswith(_PACKAGE)]
             app_frames = frames[ours[-1] + 1:] if ours and ours[-1] + 1 < len(frames) else frames  # the app's own
             log.error("request timeout: %s was here:\n%s", what, "".join(traceback.format_list(app_frames)).rstrip())
         notify.notify(status=f"request timeout: {what} ran {seconds:.1f} s (--timeout {self.timeout:g}); exiting")

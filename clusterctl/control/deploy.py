@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from clusterctl import proc
+from clusterctl.control.plan import NAME_RE, parse_app
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import NAME_RE, parse_app
 
 Progress = Callable[[str], None]
 
@@ -44,8 +44,8 @@ RELOAD_TASK = "clusterctl | rolling reload onto the release"
 
 def ansible_dir() -> Path:
     """The playbooks and role: packaged beside the module in a wheel, at the repo root in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "ansible", here.parent / "ansible"):
+    package = Path(__file__).resolve().parent.parent  # clusterctl/
+    for candidate in (package / "ansible", package.parent / "ansible"):
         if (candidate / "deploy.yml").is_file():
             return candidate
     raise ClusterctlError("clusterctl's Ansible playbooks are missing", "reinstall clusterctl")
@@ -123,7 +123,7 @@ def _clusterctl_source(work: Path) -> str:
     """What `pip wheel` builds clusterctl from: this checkout if we run from one, else a wheel packed from the
     installed distribution's own files (written into `work`), so the hosts get this very clusterctl even
     where no index has its version."""
-    src = Path(__file__).resolve().parent.parent
+    src = Path(__file__).resolve().parent.parent.parent  # the checkout holding clusterctl/, if it is one
     pyproject = src / "pyproject.toml"
     if pyproject.is_file() and re.search(r'^name\s*=\s*"clusterctl"', pyproject.read_text(), re.M):
         return str(src)

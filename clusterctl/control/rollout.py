@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError, CommandError
-from clusterctl.systemd import Systemd
 
 # Settings a reload picks up (the helper starts the new process with them), or that do not matter to a
 # running process. Any other change needs a restart.

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from clusterctl import messaging, ops
+from clusterctl import messaging
+from clusterctl.control import ops
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError
-from clusterctl.systemd import Systemd
 
 
 def parse_message(text: str) -> dict[str, Any]:

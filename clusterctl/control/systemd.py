@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusterctl import proc
-from clusterctl import sandbox as sb
 from clusterctl.address import Address
+from clusterctl.control import sandbox as sb
 from clusterctl.errors import ClusterctlError
 
 

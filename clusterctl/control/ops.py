@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clusterctl import generate as gen
-from clusterctl import messaging, probe, proc, rollout, statusline
+from clusterctl import messaging, probe, proc, statusline
+from clusterctl.control import generate as gen
+from clusterctl.control import rollout
+from clusterctl.control.plan import NAME_RE, Plan, plan_from_json
+from clusterctl.control.systemd import Systemd
+from clusterctl.control.unitnames import UnitNames
 from clusterctl.errors import ClusterctlError, CommandError
-from clusterctl.plan import NAME_RE, Plan, plan_from_json
-from clusterctl.systemd import Systemd
-from clusterctl.unitnames import UnitNames
 
 Progress = Callable[[str], None]
 
@@ -461,7 +462,7 @@ def _restart(sd: Systemd, units: list[str], timeout: float) -> None:
 
 def reload(sd: Systemd, name: str, *, batch: str = "1", pause: float = 0.0, health_url: str | None = None,
            timeout: float = 60.0, surge: bool = True, how: str = "auto", progress: Progress = print) -> None:
-    """Rolling deploy, in place (`systemctl reload`, see clusterctl.rollout) where the installed units and
+    """Rolling deploy, in place (`systemctl reload`, see clusterctl.control.rollout) where the installed units and
     what changed allow it, else by restarting instances batch by batch, each READY (and healthy) first.
 
     With the shared socket a surge instance NAME@N+1 starts first on the new code: if it does not come

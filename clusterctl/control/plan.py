@@ -21,10 +21,10 @@ from typing import Any, Literal
 from clusterctl import appspec
 from clusterctl.address import Address
 from clusterctl.address import parse as parse_address
-from clusterctl.cores import CpuBudget, usable_cpus
+from clusterctl.control.cores import CpuBudget, usable_cpus
+from clusterctl.control.unitnames import UnitNames
 from clusterctl.errors import ClusterctlError, CommandError
 from clusterctl.proc import run
-from clusterctl.unitnames import UnitNames
 from clusterctl.worker.options import WorkerConfig, extra_args_problem, size_bytes, timeout_problem, ws_problem
 
 Balance = Literal["shared", "reuseport"]

@@ -24,12 +24,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterctl import forwarder, ops, registry
-from clusterctl import generate as gen
-from clusterctl import sandbox as sb
+from clusterctl.control import forwarder, ops, registry
+from clusterctl.control import generate as gen
+from clusterctl.control import sandbox as sb
+from clusterctl.control.plan import Plan, tmp_binds, under
+from clusterctl.control.systemd import Systemd
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import Plan, tmp_binds, under
-from clusterctl.systemd import Systemd
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from clusterctl import sandbox as sb
+from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
+from clusterctl.control.unitnames import UnitNames
 from clusterctl.errors import ClusterctlError
-from clusterctl.systemd import Systemd
-from clusterctl.unitnames import UnitNames
 
 Where = Literal["host", "user", "sandbox"]
 

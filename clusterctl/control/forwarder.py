@@ -2,7 +2,7 @@
 and connects each client to the sandbox's loopback from inside its network namespace.
 
 A job of its own beside the sandbox (which boots and stops systemd): `up` forwards a sandboxed cluster's
-ports, `down` and `sandbox down` stop the forwarders. `python -m clusterctl.forwarder __forward NAME
+ports, `down` and `sandbox down` stop the forwarders. `python -m clusterctl.control.forwarder __forward NAME
 HOSTPORT SANDBOXPORT HOST` is the detached process (the `__forward` marker identifies it before a kill).
 """
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from clusterctl import sandbox as sb
+from clusterctl.control import sandbox as sb
 from clusterctl.errors import ClusterctlError
 
 
@@ -38,7 +38,7 @@ def forward(name: str, host_port: int, sandbox_port: int, *, host: str = "127.0.
     ready = sd / f"forward-{int(host_port)}.ready"
     ready.unlink(missing_ok=True)
     p = sb.spawn_helper(["__forward", name, str(int(host_port)), str(int(sandbox_port)), host],
-                        sd / f"forward-{int(host_port)}.log", module="clusterctl.forwarder")
+                        sd / f"forward-{int(host_port)}.log", module="clusterctl.control.forwarder")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready.exists():
@@ -57,7 +57,7 @@ def forward(name: str, host_port: int, sandbox_port: int, *, host: str = "127.0.
 
 def stop(path: Path) -> None:
     """Stop the forwarder pidfile `path` names (only if it is still one of ours)."""
-    sb.kill_own(sb.read_file(path), b"__forward")
+    sb.kill_own(sb.read_file(path), sb.FORWARDER_MARK)
     path.unlink(missing_ok=True)
 
 

@@ -19,7 +19,7 @@ emptied the host's /tmp, so the host's files are never exposed writable:
 Networking: `net="private"` (default) gives each sandbox its own loopback-only network namespace, so
 several sandboxes can listen on the same port. Reach it from the host three ways: `netexec()` runs a
 host program (wrk, curl, the venv's python) inside just that network namespace; `netns()`/`connect()`
-move one thread of the calling Python process there; `clusterctl.forwarder` starts a small host process that
+move one thread of the calling Python process there; `clusterctl.control.forwarder` starts a small host process that
 accepts on the host's 127.0.0.1:HOSTPORT and connects to the sandbox's 127.0.0.1:PORT (it binds its
 listening socket on the host, then setns()es into the sandbox's network namespace, so every socket it
 creates afterwards lives there). `net="host"` shares the host's network instead: simplest, but ports
@@ -51,10 +51,14 @@ from pathlib import Path
 from typing import Literal
 
 from clusterctl import proc
+from clusterctl.control.plan import NAME_RE
 from clusterctl.errors import ClusterctlError, CommandError
-from clusterctl.plan import NAME_RE
 
 SYSTEMD = "/lib/systemd/systemd"
+# Port forwarders (forwarder.py) are host processes started with spawn_helper: their pidfiles in the state dir
+# and the word their command line carries, so that down() ends them without importing what builds on us.
+FORWARDER_PIDFILES = "forward-*.pid"
+FORWARDER_MARK = b"__forward"
 INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONTAINER = "clusterctl"
 TARGET = "clusterctl-sandbox.target"
@@ -378,13 +382,6 @@ def exec(name: str, argv: Sequence[str], *, capture: bool = True, check: bool = 
                     timeout=timeout)
 
 
-def systemctl(name: str, *args: str, check: bool = True, timeout: float | None = 60) -> str:
-    """`systemctl ARGS` inside, through the one systemctl helper (clusterctl.systemd); returns stdout."""
-    from clusterctl.systemd import Systemd  # it reaches sandboxes through this module: imported on use
-
-    return Systemd(sandbox=name).systemctl(*args, check=check, timeout=timeout).stdout
-
-
 def netexec(name: str, argv: Sequence[str], *, capture: bool = True, check: bool = True,
             input: str | None = None, timeout: float | None = None,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -539,10 +536,10 @@ def _prepare(cfg: SandboxConfig) -> Path:
     return sd
 
 
-def spawn_helper(args: list[str], logfile: Path, module: str = "clusterctl.sandbox") -> subprocess.Popen[bytes]:
+def spawn_helper(args: list[str], logfile: Path, module: str = "clusterctl.control.sandbox") -> subprocess.Popen[bytes]:
     """Start `python -m MODULE ARGS` detached (own session, cwd /, output to `logfile`), so it outlives the
     caller and works from an installed package as well as from a checkout."""
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    pkg_parent = str(Path(__file__).resolve().parent.parent.parent)  # the directory holding clusterctl/
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
     with open(logfile, "ab") as log:
@@ -601,7 +598,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
             break
         if _running_pid(name):
             try:
-                state = systemctl(name, "is-system-running", check=False, timeout=10).strip()
+                state = exec(name, ["systemctl", "is-system-running"], check=False, timeout=10).stdout.strip()
             except CommandError:  # a timeout while PID 1 is busy booting: ask again
                 continue
             if state in ("running", "degraded"):
@@ -612,7 +609,7 @@ def up(name: str = "default", binds: Sequence[Bind | tuple[str, str] | tuple[str
     failed = ""
     if _running_pid(name):
         with contextlib.suppress(CommandError):
-            failed = systemctl(name, "--failed", check=False, timeout=10)
+            failed = exec(name, ["systemctl", "--failed"], check=False, timeout=10).stdout
     console = (read_file(sd / "console.log", "") or "")[-3000:]
     sup_log = (read_file(sd / "supervisor.log", "") or "")[-1000:]
     down(name, keep=True, missing_ok=True)
@@ -687,10 +684,8 @@ def down(name: str, *, keep: bool = False, missing_ok: bool = False) -> None:
         # then unshare, in case the boot failed before systemd was exec'd
         kill_own(supervisor, b"__supervise")
         kill_own(read_file(sd / "unshare.pid"), str(sd).encode())
-    from clusterctl import forwarder  # it builds on this module: imported on use
-
-    for fwd in sd.glob("forward-*.pid"):
-        forwarder.stop(fwd)
+    for fwd in sd.glob(FORWARDER_PIDFILES):  # forwarder.py's host processes: they serve this sandbox only
+        kill_own(read_file(fwd), FORWARDER_MARK)
     for _ in range(200):
         if not alive(supervisor) and not (pid1 and os.path.exists(f"/proc/{pid1}")):
             break
@@ -779,9 +774,6 @@ class Sandbox:
     def exec(self, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         return exec(self.name, argv, **kwargs)  # type: ignore[arg-type]
 
-    def systemctl(self, *args: str, check: bool = True) -> str:
-        return systemctl(self.name, *args, check=check)
-
     def netexec(self, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         return netexec(self.name, argv, **kwargs)  # type: ignore[arg-type]
 
@@ -791,17 +783,12 @@ class Sandbox:
     def connect(self, port: int, host: str = "127.0.0.1", timeout: float | None = 10.0) -> socket.socket:
         return connect(self.name, port, host, timeout)
 
-    def forward(self, host_port: int, sandbox_port: int, host: str = "127.0.0.1") -> int:
-        from clusterctl import forwarder  # it builds on this module: imported on use
-
-        return forwarder.forward(self.name, host_port, sandbox_port, host=host)
-
     def down(self, keep: bool = False) -> None:
         down(self.name, keep=keep, missing_ok=True)
 
 
 def _main(argv: list[str]) -> int:
-    """Entry of the detached supervisor: `python -m clusterctl.sandbox __supervise NAME`."""
+    """Entry of the detached supervisor: `python -m clusterctl.control.sandbox __supervise NAME`."""
     if len(argv) == 2 and argv[0] == "__supervise":
         supervise(check_name(argv[1]))
         return 0

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
+from clusterctl.control.plan import parse_name
 from clusterctl.errors import ClusterctlError
-from clusterctl.plan import parse_name
 
 FILE = "clusterctl.toml"
 PYPROJECT = "pyproject.toml"
