@@ -55,9 +55,12 @@ class Address:
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def parse(value: str, option: str = "--listen") -> Address:
+def parse(value: str, option: str = "--listen", *, bind: bool = False) -> Address:
     """`PORT`, `IPv4:PORT`, `[IPv6]:PORT`, or `unix:/abs/path` (or just `/abs/path`, as ListenStream= has it);
-    a ClusterctlError naming `option`, the value and the fix otherwise."""
+    a ClusterctlError naming `option`, the value and the fix otherwise.
+
+    `bind`: the worker's own --bind (local development without systemd): a bare PORT is loopback rather than
+    every address, `:PORT` is every address, a host name is taken as given, and port 0 picks a free one."""
     if value.startswith(("unix:", "/")):
         path = value.removeprefix("unix:")
         if not path.startswith("/") or "\n" in path or len(path.encode()) > 107:
@@ -65,7 +68,7 @@ def parse(value: str, option: str = "--listen") -> Address:
         return Address("unix", path=path)
     host: str | None
     if value.isdigit():
-        host, port_s = None, value
+        host, port_s = ("127.0.0.1" if bind else None), value
     elif value.startswith("["):
         host, sep, port_s = value[1:].partition("]:")
         if not sep:
@@ -74,7 +77,10 @@ def parse(value: str, option: str = "--listen") -> Address:
         host, sep, port_s = value.rpartition(":")
         if not sep:
             raise ClusterctlError(f"{option} {value!r} has no port", FIX)
-    if host is not None:
+        if bind and not host:
+            host = None
+    named = bind and host is not None and not value.startswith("[") and ":" not in host  # --bind: the socket resolves
+    if host is not None and not named:
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
@@ -85,6 +91,6 @@ def parse(value: str, option: str = "--listen") -> Address:
         if value.startswith("[") != (addr.version == 6):
             raise ClusterctlError(f"{option} {value!r}: write IPv6 addresses in brackets, IPv4 without", FIX)
         host = str(addr)
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise ClusterctlError(f"{option} {value!r}: port must be a number from 1 to 65535", FIX)
+    if not port_s.isdigit() or not (0 if bind else 1) <= int(port_s) <= 65535:
+        raise ClusterctlError(f"{option} {value!r}: port must be a number from {0 if bind else 1} to 65535", FIX)
     return Address("tcp", host=host, port=int(port_s))

@@ -29,6 +29,7 @@ import pytest
 
 from clusterctl.control import deploy as dp
 from clusterctl.control import sandbox as sb
+from clusterctl.control.systemd import Systemd
 from tests.loadgen import request
 
 pytestmark = pytest.mark.systemd
@@ -99,8 +100,8 @@ class Fleet:
         return os.readlink(link).removeprefix("releases/") if link.is_symlink() else ""
 
     def pids(self, host: str) -> list[str]:
-        out = self.hosts[host].systemctl("show", "-p", "MainPID", f"{NAME}@1.service", f"{NAME}@2.service")
-        return out.split()
+        sd = Systemd(sandbox=self.hosts[host].name)
+        return sd.systemctl("show", "-p", "MainPID", f"{NAME}@1.service", f"{NAME}@2.service").stdout.split()
 
 
 class FleetLoad:

@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 
+from clusterctl import address
 from clusterctl.errors import ClusterctlError
 
 NO_SOCKETS_FIX = (
@@ -50,24 +51,13 @@ def listen_fds() -> list[socket.socket]:
 
 
 def parse_bind(addr: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
-    """'host:port', '[v6]:port', ':port' or 'unix:/path' -> (family, address)."""
-    if addr.startswith("unix:"):
-        path = addr[5:]
-        if not path:
-            raise ClusterctlError(f"--bind {addr!r} has no path", "write it as unix:/run/app.sock")
-        return socket.AF_UNIX, path
-    if addr.startswith("["):
-        host, sep, port = addr[1:].partition("]:")
-        family = socket.AF_INET6
-    else:
-        host, sep, port = addr.rpartition(":")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if not sep:
-            host, port, sep = "127.0.0.1", addr, ":"
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ClusterctlError(f"--bind {addr!r} is not HOST:PORT, [V6]:PORT or unix:/PATH",
-                              "for example --bind 127.0.0.1:8000")
-    return family, (host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), int(port))
+    """'host:port', '[v6]:port', ':port', 'port' or 'unix:/path' (clusterctl.address, --bind's rules) ->
+    (family, address) for socket()."""
+    a = address.parse(addr, "--bind", bind=True)
+    if a.kind == "unix":
+        return socket.AF_UNIX, str(a.path)
+    host = a.host or "0.0.0.0"
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(a.port or 0))
 
 
 def bind(addr: str, backlog: int = 1024) -> socket.socket:
