@@ -8,8 +8,10 @@ A note for people (why a worker drains) follows `; ` at the end.
 
 from __future__ import annotations
 
-# The fields in the order they are written; every one but `state` is a whole number.
-FIELDS = ("state", "served", "in_flight", "errors", "connections", "websockets", "log_dropped")
+# The fields in the order they are written; every one but `state` and `engine` is a whole number.
+FIELDS = ("state", "served", "in_flight", "errors", "connections", "websockets", "engine", "log_dropped")
+# Read back as words: the HTTP engine serving (compiled or python). `state` is for people only.
+_WORDS = ("engine",)
 NOTE = "; "
 # The prose line workers before this module sent ("requests served 5, in flight 0, ..."), so `status` still
 # reads workers that have not been reloaded onto this version yet.
@@ -26,11 +28,11 @@ def format(*, note: str | None = None, **counters: int | str | None) -> str:
     return f"{text}{NOTE}{note}" if note else text
 
 
-def parse(text: str) -> dict[str, int]:
-    """The counters of a STATUS= line (format's, or the older prose); what is not there is not in the dict.
-    `state` and the note are for people reading `systemctl status`, not read back."""
+def parse(text: str) -> dict[str, int | str]:
+    """The counters (and the engine's name) of a STATUS= line (format's, or the older prose); what is not there
+    is not in the dict. `state` and the note are for people reading `systemctl status`, not read back."""
     words, _, _note = text.partition(NOTE)
-    out: dict[str, int] = {}
+    out: dict[str, int | str] = {}
     if "=" not in words:
         for part in words.split(", "):
             label, _, number = part.rpartition(" ")
@@ -39,6 +41,8 @@ def parse(text: str) -> dict[str, int]:
         return out
     for word in words.split():
         key, _, value = word.partition("=")
-        if key in FIELDS and key != "state" and value.isdigit():
+        if key in _WORDS and value:
+            out[key] = value
+        elif key in FIELDS and key != "state" and value.isdigit():
             out[key] = int(value)
     return out

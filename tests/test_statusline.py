@@ -53,3 +53,11 @@ def test_status_reads_what_the_runtime_writes(monkeypatch: pytest.MonkeyPatch, s
     if server_type is asgi.AsgiServer:
         expected["websockets"] = 4
     assert statusline.parse(text) == expected and text.startswith("state=draining ")
+
+
+def test_engine_is_read_back_as_a_word() -> None:
+    """--engine: the worker says which HTTP engine serves; `status --json` reports it (a word, not a count)."""
+    text = statusline.format(served=3, engine="compiled")
+    assert text == "served=3 engine=compiled"
+    assert statusline.parse(text) == {"served": 3, "engine": "compiled"}
+    assert "engine" not in statusline.parse("served=3 engine=")

@@ -264,6 +264,8 @@ class InstanceStatus:
     # In-place reloads (`systemctl reload`, which NRestarts does not count): how many, and the last one's time.
     reloads: int = 0
     last_reload: float | None = None
+    # The HTTP engine the worker serves with ("compiled" or "python", from STATUS=; None before it says).
+    engine: str | None = None
 
 
 @dataclass
@@ -391,7 +393,8 @@ def status(sd: Systemd, name: str, *, sample: float = 0.25) -> ClusterStatus:
             requests=counters.get("served"), in_flight=counters.get("in_flight"), errors=counters.get("errors"),
             status_text=text,
             configured=instance.isdigit() and int(instance) in inst.instances, why=why,
-            websockets=counters.get("websockets"), reloads=int(reloads.get(instance, {}).get("count", 0)),
+            websockets=counters.get("websockets"), engine=counters.get("engine"),  # type: ignore[arg-type]
+            reloads=int(reloads.get(instance, {}).get("count", 0)),
             last_reload=reloads.get(instance, {}).get("last")))
     out.task = _task_status(sd, name)
     return out
