@@ -18,6 +18,7 @@ from wsgiref.validate import validator
 import pytest
 
 from clusterctl.engine import Limits, Server
+from clusterctl.http import fastlane
 from tests.engine_thread import EngineThread
 
 pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
@@ -30,7 +31,7 @@ class Engine(EngineThread):
     """An engine serving `app` on 127.0.0.1:<port> from a thread; records the paths the app saw."""
 
     def __init__(self, app: Callable[..., Any], limits: Limits = SMALL, threads: int = 0,
-                 validate: bool = True) -> None:
+                 validate: bool = True, compiled: bool = False) -> None:
         self.seen: list[str] = []
         self.errors_logged = 0
 
@@ -41,7 +42,13 @@ class Engine(EngineThread):
         self.app = validator(recording) if validate else recording
         self.limits = limits
         self.threads = threads
-        super().__init__(lambda loop: Server(self.app, loop, limits, threads=threads))
+        super().__init__(lambda loop: self.server_for(loop, compiled))
+
+    def server_for(self, loop: Any, compiled: bool) -> Server:
+        server = Server(self.app, loop, self.limits, threads=self.threads)
+        if compiled:  # the C fast lane where it applies (not with threads), the Python protocol behind it
+            fastlane.install(server)
+        return server
 
 
     def connect(self) -> socket.socket:
@@ -49,12 +56,18 @@ class Engine(EngineThread):
         return s
 
 
-@pytest.fixture
-def engine() -> Iterator[Callable[..., Engine]]:
+def engines() -> list[Any]:
+    """Every test runs on the Python protocol and on the compiled fast lane (issue 21) in front of it."""
+    return ["python", pytest.param("compiled", marks=pytest.mark.skipif(
+        not fastlane.available(), reason=fastlane.why_not() or "not built"))]
+
+
+@pytest.fixture(params=engines())
+def engine(request: pytest.FixtureRequest) -> Iterator[Callable[..., Engine]]:
     started: list[Engine] = []
 
     def start(app: Callable[..., Any] | None = None, **kw: Any) -> Engine:
-        e = Engine(app or echo_app, **kw)
+        e = Engine(app or echo_app, compiled=request.param == "compiled", **kw)
         started.append(e)
         return e
 
@@ -703,8 +716,12 @@ class _Transport:
     def resume_reading(self) -> None:
         pass
 
+    def set_protocol(self, protocol: Any) -> None:  # the compiled lane hands heads split over reads to Python
+        pass
 
-def test_requests_split_at_every_byte_parse_the_same() -> None:
+
+@pytest.mark.parametrize("kind", engines())
+def test_requests_split_at_every_byte_parse_the_same(kind: str) -> None:
     """Two pipelined requests cut into reads at every position (and byte by byte): the same two answers.
     Covers a URL, a header and a body that span reads, and a message that starts mid-read."""
     import uvloop
@@ -714,6 +731,8 @@ def test_requests_split_at_every_byte_parse_the_same() -> None:
     loop = uvloop.new_event_loop()
     try:
         server = Server(echo_app, loop, Limits())
+        if kind == "compiled":
+            assert fastlane.install(server)
 
         def answers(reads: list[bytes]) -> list[bytes]:
             proto = server.protocol()
