@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,3 +45,25 @@ class EngineThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def send_half_closed(port: int, data: bytes, pieces: int = 1) -> bytes:
+    """Send `data` (in `pieces` writes), half-close, read until the server closes (or a short timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        try:
+            step = max(1, len(data) // pieces)
+            for i in range(0, len(data), step):
+                s.sendall(data[i:i + step])
+                if pieces > 1:
+                    time.sleep(0.005)  # separate reads on the server's side
+            s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server may answer 4xx and close before reading it all
+            pass
+        got = b""
+        s.settimeout(2.5)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return got

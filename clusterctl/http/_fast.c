@@ -154,10 +154,8 @@ static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssiz
         const char *v = p;
         while (VALUE[(unsigned char)*p]) p++;
         if (p[0] != '\r' || p[1] != '\n') return 0; /* a control character, a bare CR or LF, obs-text */
-        const char *ve = p;
-        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
-        h->value = v;
-        h->vlen = ve - v;
+        h->value = v; /* trailing whitespace kept: llhttp keeps it, and both lanes must agree */
+        h->vlen = p - v;
         p += 2;
         h->kind = header_kind(name, h->nlen);
         switch (h->kind) {
@@ -394,6 +392,7 @@ static PyObject *handoff(Conn *self, PyObject *data, Py_ssize_t pos) {
                               : PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + pos, PyBytes_GET_SIZE(data) - pos);
     if (rest == NULL) return NULL;
     self->detached = 1;
+    Py_CLEAR(self->write_cb);
     PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_handoff, rest);
     Py_DECREF(rest);
     return r;
@@ -428,6 +427,7 @@ static int adopt(Conn *self, PyObject *req, int keep, PyObject *result, PyObject
     Py_CLEAR(self->status);
     Py_CLEAR(self->resp_headers);
     Py_CLEAR(self->written);
+    Py_CLEAR(self->write_cb); /* refers back to us: an app that kept it keeps us, not the other way round */
     Py_XDECREF(r);
     return r == NULL ? -1 : 1;
 }

@@ -126,9 +126,11 @@ if _fast is not None:
             try:
                 if exc is not None:
                     try:
-                        raise exc
+                        raise exc  # _app_error logs the exception being handled
                     except Exception:
                         p._app_error(result)
+                    finally:
+                        exc = None  # its traceback holds this frame: no cycle left for the collector
                 else:
                     p._respond(_Written(written, result) if written else result)
             finally:
