@@ -78,6 +78,10 @@ def servers(port: int, extra: list[str], baseline: str | None = None) -> dict[st
     ssa = shutil.which("systemd-socket-activate") or "/lib/systemd/systemd-socket-activate"
     ours = {"clusterctl": [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(REPO), PY, "-m",
                            "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log", *extra]}
+    # issue 21: the same worker with the compiled fast lane (clusterctl/http/_fast.c)
+    ours["clusterctl-compiled"] = [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(REPO), PY,
+                                   str(REPO / "bench" / "compiled_worker.py"), "--app", "examples.hello:app",
+                                   "--no-access-log", *extra]
     if baseline:
         ours["clusterctl-baseline"] = [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(Path(baseline).resolve()),
                                        PY, "-m", "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log",
@@ -183,6 +187,8 @@ def main() -> None:
                ("clusterctl-asgi", "uvicorn", "keepalive"): 1.5, ("clusterctl-asgi", "granian-asgi", "keepalive"): 1.1,
                ("clusterctl", "bjoern", "keepalive"): 1.0, ("clusterctl", "bjoern", "close"): 1.0,
                ("clusterctl", "granian", "close"): 0.85,
+               ("clusterctl-compiled", "bjoern", "keepalive"): 1.0, ("clusterctl-compiled", "bjoern", "close"): 1.0,
+               ("clusterctl-compiled", "granian", "keepalive"): 1.3, ("clusterctl-compiled", "granian", "close"): 0.85,
                ("clusterctl", "clusterctl-baseline", "keepalive"): 0.95, ("clusterctl", "clusterctl-baseline", "close"): 0.95}
     print("\nratios (ours / peer):")
     for (us, peer, mode), target in targets.items():

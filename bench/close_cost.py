@@ -6,7 +6,8 @@ counts and differenced so start-up cancels out (PYTHONHASHSEED=0: repeatable to 
 * real sockets: a uvloop server in this process under callgrind, a plain client in another process that
   opens, sends wrk's close request, reads the answer, N times in a row. Servers: `floor` (a protocol that
   writes a canned answer and closes: uvloop's accept, transport, close and connection_lost alone),
-  `floor+parser` (the same plus an httptools parser per connection, fed the request), `engine` (ours).
+  `floor+parser` (the same plus an httptools parser per connection, fed the request), `engine` (ours),
+  `engine-compiled` (ours with the C fast lane, clusterctl/http/_fast.c).
 * pieces of the engine on bench_engine_cpu's fake transport, each step added to the one before, so a
   row is the difference of two runs: construction (and the free at the end), connection_made, parse,
   environ, app, head + write, close, connection_lost, and the cyclic GC's share (gc is off before it).
@@ -94,11 +95,15 @@ def serve_real(kind: str, n: int) -> None:
             return factory()
         return make
 
-    if kind == "engine":
+    if kind.startswith("engine"):
         from clusterctl.engine import Server, hide_running_loop
 
         server = Server(app, loop)
         hide_running_loop(loop)
+        if kind == "engine-compiled":
+            from clusterctl.http import fastlane
+
+            assert fastlane.install(server), fastlane.why_not()
         factory = server.protocol
     else:
         factory = Floor if kind == "floor" else FloorParser
@@ -198,7 +203,7 @@ def main() -> None:
         return pieces(args.piece[0], int(args.piece[1]))
     if args.table != "pieces":
         print("real sockets, instructions per connection (server process only):")
-        for kind in ("floor", "floor+parser", "engine"):
+        for kind in ("floor", "floor+parser", "engine", "engine-compiled"):
             print(f"  {kind:16} {per(['--real', kind], 200, 1200):9.0f}", flush=True)
     if args.table == "real":
         return

@@ -39,7 +39,7 @@ static PyObject *s_write, *s_close, *s_get_extra_info, *s_sockname, *s_peername,
     *s_recycle_at, *s_on_recycle, *s_clock, *s_buffered, *s_headers, *s_plain, *s_date, *s_full, *s_code,
     *s_full_head, *s_handoff, *s_adopt, *s_over_cap, *s_env_base_for, *s_lookup_head, *s_max_connections,
     *s_max_body_size, *s_max_request_line, *s_max_header_field, *s_max_header_size, *s_max_headers, *s_max_buffered;
-static PyObject *k_method, *k_path, *k_query, *k_raw, *k_cl, *k_input, *k_raddr, *k_rport, *k_cookie;
+static PyObject *k_method, *k_path, *k_query, *k_raw, *k_cl, *k_input, *k_raddr, *k_rport, *k_cookie, *k_host;
 static PyObject *u_comma, *u_semi;
 
 /* methods served here (anything else, HEAD included, goes to the Python protocol) */
@@ -116,17 +116,16 @@ static int good_host(const char *v, Py_ssize_t n) {
     return 1;
 }
 
-/* 1: a complete head inside the strict set, described in r; 0: anything else (the Python protocol's). */
+/* 1: a complete head inside the strict set, described in r; 0: anything else (the Python protocol's).
+   buf[len] must be readable and not a valid character (a bytes object's trailing NUL): every scan stops
+   inside the buffer, and a position past `lim` (the smallest head limit) rejects. */
 static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssize_t max_headers,
                       long long max_body, Req *r) {
-    if (len > limit) len = limit; /* a head longer than the smallest limit is the Python protocol's (414/431) */
-    const char *end = memmem(buf, (size_t)len, "\r\n\r\n", 4);
-    if (end == NULL) return 0;
-    const char *p = buf, *stop = end + 2; /* stop: the blank line */
+    const char *p = buf, *lim = buf + (len < limit ? len : limit);
     r->method = -1;
     for (int m = 0; m < N_METHODS; m++) {
         size_t ml = strlen(METHODS[m]);
-        if ((size_t)(stop - p) > ml && memcmp(p, METHODS[m], ml) == 0 && p[ml] == ' ') {
+        if ((size_t)(lim - p) > ml && memcmp(p, METHODS[m], ml) == 0 && p[ml] == ' ') {
             r->method = m;
             p += ml + 1;
             break;
@@ -136,13 +135,18 @@ static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssiz
     r->target = p;
     while (TARGET[(unsigned char)*p]) p++;
     r->tlen = p - r->target;
-    if (stop - p < 11 || memcmp(p, " HTTP/1.1\r\n", 11) != 0) return 0;
+    if (lim - p < 11 || memcmp(p, " HTTP/1.1\r\n", 11) != 0) return 0;
     p += 11;
     int hosts = 0, cts = 0;
     r->cl = -1;
     r->keep = 1;
     r->nheaders = 0;
-    while (p < stop) {
+    for (;;) {
+        if (lim - p < 2) return 0; /* incomplete here, or over the limit: the Python protocol's */
+        if (p[0] == '\r' && p[1] == '\n') {
+            p += 2;
+            break;
+        }
         const char *name = p;
         while (TCHAR[(unsigned char)*p]) p++;
         if (p == name || *p != ':' || r->nheaders >= MAX_HEADERS || r->nheaders >= max_headers) return 0;
@@ -153,7 +157,8 @@ static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssiz
         while (*p == ' ' || *p == '\t') p++;
         const char *v = p;
         while (VALUE[(unsigned char)*p]) p++;
-        if (p[0] != '\r' || p[1] != '\n') return 0; /* a control character, a bare CR or LF, obs-text */
+        /* a control character, a bare CR or LF, obs-text: not here */
+        if (lim - p < 2 || p[0] != '\r' || p[1] != '\n') return 0;
         h->value = v; /* trailing whitespace kept: llhttp keeps it, and both lanes must agree */
         h->vlen = p - v;
         p += 2;
@@ -184,7 +189,7 @@ static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssiz
         }
     }
     if (hosts != 1) return 0;
-    r->head_len = end + 4 - buf;
+    r->head_len = p - buf;
     return 1;
 }
 
@@ -236,6 +241,7 @@ typedef struct {
     PyObject *server, *sdict, *transport, *base_env, *app, *heads, *access_log;
     PyObject *status, *resp_headers, *written, *write_cb, *req_line;
     PyObject *adopted; /* the Python protocol this connection was handed to */
+    PyObject *remote_addr, *remote_port; /* this peer's, for its environ */
     double since, t0;
     Py_ssize_t head_limit, max_headers, max_connections;
     long long max_body, max_buffered;
@@ -253,7 +259,8 @@ static double monotonic(void) {
 
 /* every object the struct holds, for traverse and clear */
 #define CONN_OBJECTS(X) X(server) X(sdict) X(transport) X(base_env) X(app) X(heads) X(access_log) X(status) \
-    X(resp_headers) X(written) X(write_cb) X(req_line) X(adopted)
+    X(resp_headers) X(written) X(write_cb) X(req_line) X(adopted) \
+    X(remote_addr) X(remote_port)
 
 static int conn_traverse(Conn *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
@@ -343,6 +350,29 @@ static int conn_init(Conn *self, PyObject *args, PyObject *kwds) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
+/* The engine's base environ of a local address plus a placeholder for every key each request sets (its
+   copy per request then takes them without growing: a resize rehashes the whole environ). Borrowed. */
+#define AUG_SLOTS 4
+static PyObject *aug_plain[AUG_SLOTS], *aug_base[AUG_SLOTS];
+static int aug_next;
+
+static PyObject *augmented(PyObject *plain) {
+    for (int i = 0; i < AUG_SLOTS; i++)
+        if (aug_plain[i] == plain) return aug_base[i];
+    PyObject *d = PyDict_Copy(plain);
+    if (d == NULL) return NULL;
+    PyObject *always[] = {k_method, k_path, k_query, k_raw, k_host, k_input};
+    for (size_t i = 0; i < sizeof always / sizeof *always; i++)
+        if (PyDict_SetItem(d, always[i], Py_None) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    int slot = aug_next++ % AUG_SLOTS;
+    Py_XSETREF(aug_plain[slot], Py_NewRef(plain)); /* strong: its address is not reused while cached */
+    Py_XSETREF(aug_base[slot], d);
+    return d;
+}
+
 static PyObject *conn_connection_made(Conn *self, PyObject *transport) {
     Py_INCREF(transport);
     Py_XSETREF(self->transport, transport);
@@ -355,7 +385,8 @@ static PyObject *conn_connection_made(Conn *self, PyObject *transport) {
         Py_DECREF(rejected);
         if (r) Py_RETURN_NONE;
     }
-    /* the environ's fixed part for this local address, shared by its connections, plus this peer */
+    /* the environ's fixed part for this local address, shared by its connections; this peer's part is set
+       per request (one dict copy per request, none per connection) */
     PyObject *sockname = PyObject_CallMethodOneArg(transport, s_get_extra_info, s_sockname);
     if (sockname == NULL) return NULL;
     PyObject *bases = sget(self, s_env_bases), *base = NULL;
@@ -366,18 +397,16 @@ static PyObject *conn_connection_made(Conn *self, PyObject *transport) {
     }
     Py_DECREF(sockname);
     if (base == NULL) return NULL;
-    PyObject *env = PyDict_Copy(base);
+    PyObject *aug = augmented(base);
     Py_DECREF(base);
-    if (env == NULL) return NULL;
-    Py_XSETREF(self->base_env, env);
+    if (aug == NULL) return NULL;
+    Py_XSETREF(self->base_env, Py_NewRef(aug));
     PyObject *peer = PyObject_CallMethodOneArg(transport, s_get_extra_info, s_peername);
     if (peer == NULL) return NULL;
     if (PyTuple_Check(peer) && PyTuple_GET_SIZE(peer) >= 2) {
-        PyObject *a = PyObject_Str(PyTuple_GET_ITEM(peer, 0)), *p = PyObject_Str(PyTuple_GET_ITEM(peer, 1));
-        int bad = a == NULL || p == NULL || PyDict_SetItem(env, k_raddr, a) < 0 || PyDict_SetItem(env, k_rport, p) < 0;
-        Py_XDECREF(a);
-        Py_XDECREF(p);
-        if (bad) {
+        Py_XSETREF(self->remote_addr, PyObject_Str(PyTuple_GET_ITEM(peer, 0)));
+        Py_XSETREF(self->remote_port, PyObject_Str(PyTuple_GET_ITEM(peer, 1)));
+        if (self->remote_addr == NULL || self->remote_port == NULL) {
             Py_DECREF(peer);
             return NULL;
         }
@@ -414,6 +443,7 @@ static int counter_add(Conn *self, PyObject *name, long delta) {
    exception exc) and the bytes after the request. */
 static int adopt(Conn *self, PyObject *req, int keep, PyObject *result, PyObject *exc, PyObject *data,
                  Py_ssize_t end) {
+    if (counter_add(self, s_in_flight, 1) < 0) return -1;
     PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + end, PyBytes_GET_SIZE(data) - end);
     if (rest == NULL) return -1;
     self->detached = 1;
@@ -454,6 +484,9 @@ static PyObject *build_environ(Conn *self, const char *buf, Req *r, PyObject *ta
     PyObject *env = PyDict_Copy(self->base_env);
     if (env == NULL) return NULL;
     if (PyDict_SetItem(env, k_method, m_str[r->method]) < 0) goto fail;
+    if (self->remote_addr != NULL
+        && (PyDict_SetItem(env, k_raddr, self->remote_addr) < 0 || PyDict_SetItem(env, k_rport, self->remote_port) < 0))
+        goto fail;
     PyObject *t = PyDict_GetItemWithError(g_targets, target);
     if (t != NULL) Py_INCREF(t);
     else if (PyErr_Occurred() || (t = PyObject_CallOneArg(g_target_fn, target)) == NULL) goto fail;
@@ -467,6 +500,13 @@ static PyObject *build_environ(Conn *self, const char *buf, Req *r, PyObject *ta
     for (Py_ssize_t i = 0; i < r->nheaders; i++) {
         Header *h = &r->h[i];
         if (h->kind == K_CL) continue; /* CONTENT_LENGTH is the body's length, below */
+        if (h->kind == K_HOST) { /* exactly one, over its placeholder */
+            PyObject *v = PyUnicode_DecodeLatin1(h->value, h->vlen, NULL);
+            int bad = v == NULL || PyDict_SetItem(env, k_host, v) < 0;
+            Py_XDECREF(v);
+            if (bad) goto fail;
+            continue;
+        }
         PyObject *key = env_key(h->name, h->nlen);
         int bad = key == NULL || set_header(env, key, h->value, h->vlen) < 0;
         Py_XDECREF(key);
@@ -504,13 +544,11 @@ static PyObject *response_head(Conn *self) {
 
 /* The full head bytes (Date, Content-Length, close) of an n-byte body under h, a new reference; Py_None when
    h does not allow the fast path; NULL on error. */
-static PyObject *full_head(Conn *self, PyObject *h, Py_ssize_t n, int keep) {
+static PyObject *full_head(PyObject *h, PyObject *date, Py_ssize_t n, int keep) {
     PyObject *plain = PyObject_GetAttr(h, s_plain);
     if (plain == NULL) return NULL;
     Py_DECREF(plain);
     if (plain != Py_True) Py_RETURN_NONE;
-    PyObject *date = sget(self, s_date_line);
-    if (date == NULL) return NULL;
     PyObject *key = PyLong_FromSsize_t(keep ? n : ~n);
     if (key == NULL) return NULL;
     PyObject *hdate = PyObject_GetAttr(h, s_date), *full = NULL;
@@ -529,6 +567,16 @@ out:
     Py_DECREF(key);
     return full;
 }
+
+/* (status object, headers, Date line, body length key) -> the full head and its status code, for the heads
+   full_head() answers: the same inputs always compile to the same bytes, and this skips the attribute reads
+   and the calls of the Python path. Direct-mapped by the key. */
+#define HEAD_SLOTS 16
+typedef struct {
+    PyObject *status, *headers, *date, *full, *code;
+    Py_ssize_t key;
+} HeadSlot;
+static HeadSlot head_slots[HEAD_SLOTS];
 
 static int write_response(Conn *self, PyObject *head, PyObject *body) {
     Py_ssize_t hn = PyBytes_GET_SIZE(head), n = PyBytes_GET_SIZE(body);
@@ -563,7 +611,7 @@ static int serve(Conn *self, PyObject *data, Py_ssize_t pos, Req *r, Py_ssize_t 
         return -1;
     }
     int keep = r->keep, rc = -1, req_set = 0;
-    PyObject *result = NULL, *exc = NULL, *head = NULL, *full = NULL;
+    PyObject *result = NULL, *exc = NULL, *head = NULL, *full = NULL, *code = NULL;
     if (self->access_log != NULL) {
         self->t0 = monotonic();
         PyObject *raw = PyDict_GetItemWithError(env, k_raw);
@@ -571,7 +619,9 @@ static int serve(Conn *self, PyObject *data, Py_ssize_t pos, Req *r, Py_ssize_t 
         if (line == NULL) goto out;
         Py_XSETREF(self->req_line, line);
     }
-    if (counter_add(self, s_in_flight, 1) < 0 || PyDict_SetItem(self->sdict, s_app_req, req) < 0) goto out;
+    /* in_flight is not counted for a request answered within this call (nothing else runs meanwhile to read
+       it); a request the Python protocol adopts is counted there, and its finish() counts it back. */
+    if (PyDict_SetItem(self->sdict, s_app_req, req) < 0) goto out;
     self->busy = 1;
     req_set = 1;
     Py_CLEAR(self->status);
@@ -590,23 +640,47 @@ static int serve(Conn *self, PyObject *data, Py_ssize_t pos, Req *r, Py_ssize_t 
         || !PyBytes_CheckExact(PyList_GET_ITEM(result, 0)))
         goto adopt;
     PyObject *body = PyList_GET_ITEM(result, 0);
-    head = response_head(self);
-    if (head == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) goto out;
-        exc = take_exception();
-        goto adopt;
+    Py_ssize_t n = PyBytes_GET_SIZE(body), key = keep ? n : ~n;
+    PyObject *date = sget(self, s_date_line);
+    if (date == NULL) goto out;
+    HeadSlot *slot = &head_slots[(size_t)key % HEAD_SLOTS];
+    int hit = 0;
+    if (slot->full != NULL && slot->status == self->status && slot->date == date && slot->key == key) {
+        hit = slot->headers == self->resp_headers ? 1 : PyObject_RichCompareBool(slot->headers, self->resp_headers, Py_EQ);
+        if (hit < 0) { /* headers whose comparison raises: the Python path reports it as the app's error */
+            PyErr_Clear();
+            hit = 0;
+        }
     }
-    full = full_head(self, head, PyBytes_GET_SIZE(body), keep);
-    if (full == NULL) goto out;
-    if (full == Py_None) goto adopt;
+    if (hit) {
+        full = Py_NewRef(slot->full);
+        code = Py_NewRef(slot->code);
+    } else {
+        head = response_head(self);
+        if (head == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) goto out;
+            exc = take_exception();
+            goto adopt;
+        }
+        full = full_head(head, date, n, keep);
+        if (full == NULL) goto out;
+        if (full == Py_None) goto adopt;
+        code = PyObject_GetAttr(head, s_code);
+        PyObject *hh = code ? PyObject_GetAttr(head, s_headers) : NULL;
+        if (hh == NULL) goto out;
+        Py_XSETREF(slot->status, Py_NewRef(self->status));
+        Py_XSETREF(slot->headers, hh);
+        Py_XSETREF(slot->date, Py_NewRef(date));
+        Py_XSETREF(slot->full, Py_NewRef(full));
+        Py_XSETREF(slot->code, Py_NewRef(code));
+        slot->key = key;
+    }
     if (!self->closed && write_response(self, full, body) < 0) goto out;
     if (self->access_log != NULL) {
-        PyObject *code = PyObject_GetAttr(head, s_code);
-        PyObject *n = code ? PyLong_FromSsize_t(PyBytes_GET_SIZE(body)) : NULL;
-        PyObject *largs[] = {(PyObject *)self, code, n};
-        PyObject *lr = n ? PyObject_Vectorcall(self->access_log, largs, 3, NULL) : NULL;
-        Py_XDECREF(code);
-        Py_XDECREF(n);
+        PyObject *nb = PyLong_FromSsize_t(n);
+        PyObject *largs[] = {(PyObject *)self, code, nb};
+        PyObject *lr = nb ? PyObject_Vectorcall(self->access_log, largs, 3, NULL) : NULL;
+        Py_XDECREF(nb);
         if (lr == NULL) goto out;
         Py_DECREF(lr);
     }
@@ -614,7 +688,7 @@ static int serve(Conn *self, PyObject *data, Py_ssize_t pos, Req *r, Py_ssize_t 
     self->busy = 0;
     Py_CLEAR(self->status);
     Py_CLEAR(self->resp_headers);
-    if (counter_add(self, s_in_flight, -1) < 0 || counter_add(self, s_served, 1) < 0) goto out;
+    if (counter_add(self, s_served, 1) < 0) goto out;
     PyObject *served = sget(self, s_served), *at = sget(self, s_recycle_at), *hook = sget(self, s_on_recycle);
     if (served == NULL || at == NULL || hook == NULL) goto out;
     if (hook != Py_None) {
@@ -655,6 +729,7 @@ out:
         }
     }
     Py_XDECREF(full);
+    Py_XDECREF(code);
     Py_XDECREF(head);
     Py_XDECREF(exc);
     Py_XDECREF(result);
@@ -742,10 +817,14 @@ static PyObject *conn_resume_writing(Conn *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *conn_write(Conn *self, PyObject *data);
+static PyMethodDef write_def = {"write", (PyCFunction)conn_write, METH_O, "PEP 3333's write() callable"};
+
 /* start_response: the connection itself is the callable (no bound method per connection) */
 static PyObject *conn_call(Conn *self, PyObject *args, PyObject *kwds) {
     PyObject *status, *headers, *exc_info = Py_None;
     static char *kwlist[] = {"status", "headers", "exc_info", NULL};
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
     if (self->adopted != NULL) { /* a generator's start_response after the Python protocol took the response */
         PyObject *sr = PyObject_GetAttrString(self->adopted, "start_response");
         if (sr == NULL) return NULL;
@@ -753,7 +832,11 @@ static PyObject *conn_call(Conn *self, PyObject *args, PyObject *kwds) {
         Py_DECREF(sr);
         return r;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:start_response", kwlist, &status, &headers, &exc_info))
+    if (kwds == NULL && (nargs == 2 || nargs == 3)) { /* the usual call, without the keyword parser */
+        status = PyTuple_GET_ITEM(args, 0);
+        headers = PyTuple_GET_ITEM(args, 1);
+        if (nargs == 3) exc_info = PyTuple_GET_ITEM(args, 2);
+    } else if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:start_response", kwlist, &status, &headers, &exc_info))
         return NULL;
     if (!self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "start_response() called outside its request");
@@ -769,10 +852,8 @@ static PyObject *conn_call(Conn *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->status, status);
     Py_INCREF(headers);
     Py_XSETREF(self->resp_headers, headers);
-    if (self->write_cb == NULL) {
-        self->write_cb = PyObject_GetAttrString((PyObject *)self, "write");
-        if (self->write_cb == NULL) return NULL;
-    }
+    if (self->write_cb == NULL && (self->write_cb = PyCFunction_NewEx(&write_def, (PyObject *)self, NULL)) == NULL)
+        return NULL;
     return Py_NewRef(self->write_cb);
 }
 
@@ -810,7 +891,6 @@ static PyMethodDef conn_methods[] = {
 static PyMemberDef conn_members[] = {
     {"server", T_OBJECT, offsetof(Conn, server), READONLY, NULL},
     {"transport", T_OBJECT, offsetof(Conn, transport), READONLY, NULL},
-    {"base_env", T_OBJECT, offsetof(Conn, base_env), READONLY, "the access log reads REMOTE_ADDR"},
     {"req_line", T_OBJECT, offsetof(Conn, req_line), READONLY, "the access log's request line"},
     {"status", T_OBJECT, offsetof(Conn, status), READONLY, NULL},
     {"resp_headers", T_OBJECT, offsetof(Conn, resp_headers), READONLY, NULL},
@@ -825,6 +905,18 @@ static PyMemberDef conn_members[] = {
     {"phase", T_INT, offsetof(Conn, phase), 0, NULL},
     {NULL}};
 
+/* base_env: what the access log reads of the Python protocol's (REMOTE_ADDR) */
+static PyObject *conn_get_base_env(Conn *self, void *closure) {
+    PyObject *empty = PyUnicode_New(0, 0);
+    PyObject *d = empty ? Py_BuildValue("{sOsO}", "REMOTE_ADDR", self->remote_addr ? self->remote_addr : empty,
+                                        "REMOTE_PORT", self->remote_port ? self->remote_port : empty) : NULL;
+    Py_XDECREF(empty);
+    return d;
+}
+
+static PyGetSetDef conn_getset[] = {{"base_env", (getter)conn_get_base_env, NULL, "this peer's environ keys", NULL},
+                                    {NULL}};
+
 static PyTypeObject ConnType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "clusterctl.http._fast.Conn",
     .tp_basicsize = sizeof(Conn),
@@ -838,6 +930,7 @@ static PyTypeObject ConnType = {
     .tp_call = (ternaryfunc)conn_call,
     .tp_methods = conn_methods,
     .tp_members = conn_members,
+    .tp_getset = conn_getset,
 };
 
 /* configure(targets, target, env_keys, env_key, empty_input, bytesio): the Python engine's caches and helpers */
@@ -879,6 +972,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(k_method, "REQUEST_METHOD"); INTERN(k_path, "PATH_INFO"); INTERN(k_query, "QUERY_STRING");
     INTERN(k_raw, "RAW_URI"); INTERN(k_cl, "CONTENT_LENGTH"); INTERN(k_input, "wsgi.input");
     INTERN(k_raddr, "REMOTE_ADDR"); INTERN(k_rport, "REMOTE_PORT"); INTERN(k_cookie, "HTTP_COOKIE");
+    INTERN(k_host, "HTTP_HOST");
     INTERN(u_comma, ","); INTERN(u_semi, "; ");
     for (int m = 0; m < N_METHODS; m++) {
         INTERN(m_str[m], METHODS[m]);
