@@ -119,6 +119,11 @@ EXTRA = [
     b"GET / HTTP/1.1\r\nHost: a:\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, te\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3 \r\n\r\nabc",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n",
+    b"GET /p%00q HTTP/1.1\r\nHost: a\r\nX-\x7f: 1\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
     b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 005\r\nContent-Type: text/plain\r\n\r\nhello"
     b"GET /n HTTP/1.1\r\nHost: a\r\n\r\n",

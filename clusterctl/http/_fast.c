@@ -98,6 +98,7 @@ static int header_kind(const char *n, Py_ssize_t len) {
     case 10: return lower_eq(n, 10, "connection") ? K_CONN : K_PLAIN;
     case 12: return lower_eq(n, 12, "content-type") ? K_CT : K_PLAIN;
     case 14: return lower_eq(n, 14, "content-length") ? K_CL : K_PLAIN;
+    case 16: return lower_eq(n, 16, "proxy-connection") ? K_OUT : K_PLAIN; /* llhttp reads it as Connection */
     case 17: return lower_eq(n, 17, "transfer-encoding") ? K_OUT : K_PLAIN;
     }
     return K_PLAIN;
@@ -137,7 +138,7 @@ static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssiz
     r->tlen = p - r->target;
     if (lim - p < 11 || memcmp(p, " HTTP/1.1\r\n", 11) != 0) return 0;
     p += 11;
-    int hosts = 0, cts = 0;
+    int hosts = 0, cts = 0, conns = 0;
     r->cl = -1;
     r->keep = 1;
     r->nheaders = 0;
@@ -183,6 +184,7 @@ static int parse_head(const char *buf, Py_ssize_t len, Py_ssize_t limit, Py_ssiz
             break;
         }
         case K_CONN:
+            if (conns++) return 0;
             if (lower_eq(v, h->vlen, "close")) r->keep = 0;
             else if (!lower_eq(v, h->vlen, "keep-alive")) return 0;
             break;
@@ -323,6 +325,10 @@ static PyObject *sget(Conn *self, PyObject *name) { /* borrowed, from the server
 static int conn_init(Conn *self, PyObject *args, PyObject *kwds) {
     PyObject *server;
     if (!PyArg_ParseTuple(args, "O:Conn", &server)) return -1;
+    if (g_targets == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fast.configure() has not been called (import clusterctl.http.fastlane)");
+        return -1;
+    }
     if (read_limits(server) < 0) return -1;
     PyObject *sdict = PyObject_GenericGetDict(server, NULL);
     if (sdict == NULL) return -1;
@@ -374,6 +380,10 @@ static PyObject *augmented(PyObject *plain) {
 }
 
 static PyObject *conn_connection_made(Conn *self, PyObject *transport) {
+    if (self->sdict == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Conn.__init__(server) was not called");
+        return NULL;
+    }
     Py_INCREF(transport);
     Py_XSETREF(self->transport, transport);
     PyObject *conns = sget(self, s_connections);
@@ -508,7 +518,7 @@ static PyObject *build_environ(Conn *self, const char *buf, Req *r, PyObject *ta
             continue;
         }
         PyObject *key = env_key(h->name, h->nlen);
-        int bad = key == NULL || set_header(env, key, h->value, h->vlen) < 0;
+        int bad = key == NULL || (PyUnicode_GET_LENGTH(key) > 0 && set_header(env, key, h->value, h->vlen) < 0);
         Py_XDECREF(key);
         if (bad) goto fail;
     }
@@ -749,6 +759,10 @@ static PyObject *forward(Conn *self, const char *method, PyObject *arg) {
 static PyObject *conn_data_received(Conn *self, PyObject *data) {
     if (self->adopted != NULL) return forward(self, "data_received", data);
     if (self->closed || self->detached) return Py_NewRef(Py_None); /* after a close: never look at more bytes */
+    if (self->base_env == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "data_received() before connection_made()");
+        return NULL;
+    }
     if (!PyBytes_CheckExact(data)) {
         PyErr_SetString(PyExc_TypeError, "data_received() takes bytes");
         return NULL;
