@@ -250,3 +250,42 @@ def test_engine_choice() -> None:
             fastlane.choose(Server(app, loop), "fast")
     finally:
         loop.close()
+
+
+def test_a_streamed_response_holds_the_app_slot() -> None:
+    """While one connection's generator streams (one chunk per loop turn), another connection's request waits
+    for the app slot, as on the Python protocol: no app code runs between the stream's chunks."""
+    events: list[str] = []
+
+    def slot_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if environ["PATH_INFO"] != "/stream":
+            events.append("other")
+            return [b"other"]
+
+        def stream() -> Iterator[bytes]:
+            for i in range(100):
+                time.sleep(0.002)
+                events.append("chunk")
+                yield b"%d;" % i
+            events.append("end")
+        return stream()
+
+    def make(loop: asyncio.AbstractEventLoop) -> Server:
+        server = Server(slot_app, loop, LIMITS)
+        assert fastlane.install(server)
+        return server
+
+    e = EngineThread(make)
+    try:
+        with socket.create_connection(("127.0.0.1", e.port), timeout=3) as a, \
+                socket.create_connection(("127.0.0.1", e.port), timeout=3) as b:
+            a.sendall(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert a.recv(10).startswith(b"HTTP/1.1")
+            b.sendall(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+            rb = Reader(b)
+            assert rb.response()[2] == b"other"
+            rb.f.close()
+        assert events.index("other") > events.index("end"), events
+    finally:
+        e.stop()

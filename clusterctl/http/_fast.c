@@ -38,7 +38,8 @@ static PyObject *s_write, *s_close, *s_get_extra_info, *s_sockname, *s_peername,
     *s_env_bases, *s_heads, *s_date_line, *s_access_log, *s_draining, *s_app, *s_app_req, *s_in_flight, *s_served,
     *s_recycle_at, *s_on_recycle, *s_clock, *s_buffered, *s_headers, *s_plain, *s_date, *s_full, *s_code,
     *s_full_head, *s_handoff, *s_adopt, *s_over_cap, *s_env_base_for, *s_lookup_head, *s_max_connections,
-    *s_max_body_size, *s_max_request_line, *s_max_header_field, *s_max_header_size, *s_max_headers, *s_max_buffered;
+    *s_max_body_size, *s_max_request_line, *s_max_header_field, *s_max_header_size, *s_max_headers, *s_max_buffered,
+    *s_app_owner;
 static PyObject *k_method, *k_path, *k_query, *k_raw, *k_cl, *k_input, *k_raddr, *k_rport, *k_cookie, *k_host;
 static PyObject *u_comma, *u_semi;
 
@@ -779,6 +780,11 @@ static PyObject *conn_data_received(Conn *self, PyObject *data) {
             return handoff(self, data, pos);
         Py_ssize_t end = pos + r.head_len + (r.cl > 0 ? (Py_ssize_t)r.cl : 0);
         if (end > len) return handoff(self, data, pos); /* the body is still coming */
+        /* A streamed response holds the app slot (one request's app code at a time): the Python protocol
+           queues this request behind it (Server.app_waiting). */
+        PyObject *owner = sget(self, s_app_owner);
+        if (owner == NULL) return NULL;
+        if (owner != Py_None) return handoff(self, data, pos);
         if (r.cl > 0) { /* the worker-wide bound on buffered bodies (the Python protocol answers 503) */
             PyObject *b = sget(self, s_buffered);
             if (b == NULL) return NULL;
@@ -983,6 +989,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_max_body_size, "max_body_size"); INTERN(s_max_request_line, "max_request_line");
     INTERN(s_max_header_field, "max_header_field"); INTERN(s_max_header_size, "max_header_size");
     INTERN(s_max_headers, "max_headers"); INTERN(s_max_buffered, "max_buffered");
+    INTERN(s_app_owner, "app_owner");
     INTERN(k_method, "REQUEST_METHOD"); INTERN(k_path, "PATH_INFO"); INTERN(k_query, "QUERY_STRING");
     INTERN(k_raw, "RAW_URI"); INTERN(k_cl, "CONTENT_LENGTH"); INTERN(k_input, "wsgi.input");
     INTERN(k_raddr, "REMOTE_ADDR"); INTERN(k_rport, "REMOTE_PORT"); INTERN(k_cookie, "HTTP_COOKIE");
