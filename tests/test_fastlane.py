@@ -289,3 +289,21 @@ def test_a_streamed_response_holds_the_app_slot() -> None:
         assert events.index("other") > events.index("end"), events
     finally:
         e.stop()
+
+
+def test_max_requests_hook_fires_once_at_its_count() -> None:
+    fired: list[int] = []
+
+    def make(loop: asyncio.AbstractEventLoop) -> Server:
+        server = Server(app, loop, LIMITS)
+        server.recycle_at = 3  # what the runtime sets for --max-requests, before serving
+        server.on_recycle = lambda: fired.append(server.served)
+        assert fastlane.install(server)
+        return server
+
+    e = EngineThread(make)
+    try:
+        send_half_closed(e.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 5)
+        assert fired == [3] and e.server.served == 5
+    finally:
+        e.stop()

@@ -248,7 +248,7 @@ typedef struct {
     double since, t0;
     Py_ssize_t head_limit, max_headers, max_connections;
     long long max_body, max_buffered;
-    char closed, busy, got_bytes, write_paused, detached;
+    char closed, busy, got_bytes, write_paused, detached, recycling;
     int phase;
 } Conn;
 
@@ -337,8 +337,9 @@ static int conn_init(Conn *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->server, server);
     Py_XSETREF(self->sdict, sdict);
     PyObject *app = sget(self, s_app), *heads = sget(self, s_heads), *log = sget(self, s_access_log),
-             *clock = sget(self, s_clock);
-    if (app == NULL || heads == NULL || log == NULL || clock == NULL) return -1;
+             *clock = sget(self, s_clock), *hook = sget(self, s_on_recycle);
+    if (app == NULL || heads == NULL || log == NULL || clock == NULL || hook == NULL) return -1;
+    self->recycling = hook != Py_None;
     Py_INCREF(app);
     Py_XSETREF(self->app, app);
     Py_INCREF(heads);
@@ -700,12 +701,12 @@ static int serve(Conn *self, PyObject *data, Py_ssize_t pos, Req *r, Py_ssize_t 
     Py_CLEAR(self->status);
     Py_CLEAR(self->resp_headers);
     if (counter_add(self, s_served, 1) < 0) goto out;
-    PyObject *served = sget(self, s_served), *at = sget(self, s_recycle_at), *hook = sget(self, s_on_recycle);
-    if (served == NULL || at == NULL || hook == NULL) goto out;
-    if (hook != Py_None) {
+    if (self->recycling) { /* --max-requests: the runtime set its hook before serving */
+        PyObject *served = sget(self, s_served), *at = sget(self, s_recycle_at), *hook = sget(self, s_on_recycle);
+        if (served == NULL || at == NULL || hook == NULL) goto out;
         int eq = PyObject_RichCompareBool(served, at, Py_EQ);
         if (eq < 0) goto out;
-        if (eq) {
+        if (eq && hook != Py_None) {
             PyObject *hr = PyObject_CallNoArgs(hook);
             if (hr == NULL) goto out;
             Py_DECREF(hr);
