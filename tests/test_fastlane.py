@@ -59,6 +59,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     if path == "/204":
         start_response("204 No Content", [])
         return [b""]
+    if path == "/big":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [b"x" * (4 << 20)]
     if path == "/tuple":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return (seen, b"+")
@@ -305,5 +308,26 @@ def test_max_requests_hook_fires_once_at_its_count() -> None:
     try:
         send_half_closed(e.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 5)
         assert fired == [3] and e.server.served == 5
+    finally:
+        e.stop()
+
+
+def test_a_client_that_does_not_read_is_handed_to_the_python_protocol() -> None:
+    """A big response the client does not read pauses writing; its next request waits (the Python protocol's
+    queue) instead of being answered into a full buffer, and the answers come in order once it reads."""
+    e = Engine(True)
+    try:
+        with socket.create_connection(("127.0.0.1", e.port), timeout=5) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.15)  # well within LIMITS.body_timeout, after which a stalled write is aborted
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.15)
+            assert {type(c).__name__ for c in list(e.server.connections)} == {"WsgiProtocol"}
+            r = Reader(s)
+            assert r.response()[2] == b"x" * (4 << 20)
+            status, _, body = r.response()
+            assert status == 200 and b"PATH_INFO='/after'" in body
+            r.f.close()
     finally:
         e.stop()

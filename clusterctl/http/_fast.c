@@ -772,7 +772,9 @@ static PyObject *conn_data_received(Conn *self, PyObject *data) {
     self->got_bytes = 1;
     PyObject *draining = sget(self, s_draining);
     if (draining == NULL) return NULL;
-    if (draining != Py_False) return handoff(self, data, 0); /* the Python protocol knows how to drain */
+    /* draining, or a client that is not reading what we wrote: the Python protocol knows how to drain, and
+       queues requests until the transport resumes writing */
+    if (draining != Py_False || self->write_paused) return handoff(self, data, 0);
     const char *buf = PyBytes_AS_STRING(data);
     Py_ssize_t len = PyBytes_GET_SIZE(data), pos = 0;
     Req r;
