@@ -852,3 +852,22 @@ def test_buffered_count_survives_every_way_a_body_ends(engine: Callable[..., Eng
     time.sleep(1.0)
     assert e.server.buffered == 0
     still_serves(e)
+
+
+def test_without_the_compiled_lane_the_python_engine_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not built (no compiler, CLUSTERCTL_NO_COMPILE=1): auto picks the Python engine with one line saying why,
+    and asking for the compiled one is an error, not a silent fallback."""
+    import asyncio
+
+    monkeypatch.setattr(fastlane, "_fast", None)
+    monkeypatch.setattr(fastlane, "_WHY", "the compiled engine is not built (test)")
+    loop = asyncio.new_event_loop()
+    try:
+        server = Server(echo_app, loop)
+        assert not fastlane.available() and not fastlane.install(server)
+        assert fastlane.choose(server, "auto") == ("python", "engine: python (the compiled engine is not built (test))")
+        with pytest.raises(RuntimeError, match="not built"):
+            fastlane.choose(server, "compiled")
+        assert type(server.protocol()).__name__ == "WsgiProtocol"
+    finally:
+        loop.close()
