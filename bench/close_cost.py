@@ -7,7 +7,7 @@ counts and differenced so start-up cancels out (PYTHONHASHSEED=0: repeatable to 
   opens, sends wrk's close request, reads the answer, N times in a row. Servers: `floor` (a protocol that
   writes a canned answer and closes: uvloop's accept, transport, close and connection_lost alone),
   `floor+parser` (the same plus an httptools parser per connection, fed the request), `engine` (ours),
-  `engine-compiled` (ours with the C fast lane, clusterctl/http/_fast.c).
+  `engine-compiled` (ours with the C fast lane, clusterctl/http/_fast.c), and `bjoern` (C, libev) when installed.
 * pieces of the engine on bench_engine_cpu's fake transport, each step added to the one before, so a
   row is the difference of two runs: construction (and the free at the end), connection_made, parse,
   environ, app, head + write, close, connection_lost, and the cyclic GC's share (gc is off before it).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import re
@@ -73,8 +74,25 @@ class FloorParser(Floor):
         self.parser = None
 
 
+def serve_bjoern(n: int) -> None:
+    """bjoern (C, libev) serving the same response; the client interrupts it after n connections."""
+    import bjoern
+
+    from bench.apps.hello_cl import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = subprocess.Popen([sys.executable, __file__, "--client", str(port), str(n), str(os.getpid())])
+    with contextlib.suppress(KeyboardInterrupt):  # the client's signal when it is done
+        bjoern.run(app, "127.0.0.1", port)
+    client.wait()
+
+
 def serve_real(kind: str, n: int) -> None:
     """Under callgrind: serve n connections on a socket, then exit. The client runs in a child process."""
+    if kind == "bjoern":
+        return serve_bjoern(n)
     import uvloop
 
     from examples.hello import app
@@ -113,12 +131,25 @@ def serve_real(kind: str, n: int) -> None:
     client.wait()
 
 
-def client(port: int, n: int) -> None:
+def client(port: int, n: int, interrupt: int = 0) -> None:
+    """n close requests in a row; then SIGINT to `interrupt` (bjoern's way out of its loop), if given."""
+    import signal
+    import time
+
+    while interrupt:  # bjoern binds after this process starts
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            break
+        except OSError:
+            time.sleep(0.05)
     for _ in range(n):
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(CLOSE)
             while s.recv(4096):
                 pass
+    if interrupt:
+        time.sleep(0.3)  # the last connection's close is handled first
+        os.kill(interrupt, signal.SIGINT)
 
 
 # -- the engine's pieces on a fake transport ---------------------------------------------------------------
@@ -191,7 +222,7 @@ def per(args: list[str], lo: int, hi: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", choices=["real", "pieces"], help="only this table")
-    ap.add_argument("--client", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--client", nargs="+", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--real", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--piece", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -203,7 +234,13 @@ def main() -> None:
         return pieces(args.piece[0], int(args.piece[1]))
     if args.table != "pieces":
         print("real sockets, instructions per connection (server process only):")
-        for kind in ("floor", "floor+parser", "engine", "engine-compiled"):
+        kinds = ["floor", "floor+parser", "engine", "engine-compiled"]
+        try:
+            import bjoern  # noqa: F401
+            kinds.append("bjoern")
+        except ImportError:
+            print("  (bjoern skipped: apt-get install libev-dev; pip install bjoern)")
+        for kind in kinds:
             print(f"  {kind:16} {per(['--real', kind], 200, 1200):9.0f}", flush=True)
     if args.table == "real":
         return
