@@ -62,11 +62,54 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     if path == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return [b"x" * (4 << 20)]
+    odd = ODD_APPS.get(path)
+    if odd is not None:
+        return odd(start_response, seen)
     if path == "/tuple":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return (seen, b"+")
     start_response("200 OK", [("Content-Type", "text/plain"), ("X-Len", str(len(body)))])
     return [seen]
+
+
+def _twice(start_response: Callable[..., Any], seen: bytes) -> Any:
+    start_response("200 OK", [])
+    start_response("500 Oops", [])
+    return [seen]
+
+
+def _exc_info(start_response: Callable[..., Any], seen: bytes) -> Any:
+    start_response("200 OK", [("X-First", "1")])
+    try:
+        raise ValueError("replaced")
+    except ValueError:
+        import sys
+
+        start_response("503 Service Unavailable", [("Retry-After", "1")], sys.exc_info())
+    return [b"replaced"]
+
+
+# App behaviours outside PEP 3333's common shape (or against it): the Python protocol decides each one.
+ODD_APPS: dict[str, Callable[[Callable[..., Any], bytes], Any]] = {
+    "/headers-tuple": lambda sr, seen: (sr("200 OK", (("Content-Type", "text/plain"),)), [seen])[1],
+    "/status-bytes": lambda sr, seen: (sr(b"200 OK", []), [seen])[1],
+    "/status-short": lambda sr, seen: (sr("200", []), [seen])[1],
+    "/header-int": lambda sr, seen: (sr("200 OK", [("X-N", 1)]), [seen])[1],
+    "/header-crlf": lambda sr, seen: (sr("200 OK", [("X-N", "a\r\nb")]), [seen])[1],
+    "/no-start": lambda sr, seen: [seen],
+    "/str-body": lambda sr, seen: (sr("200 OK", []), ["text"])[1],
+    "/two-parts": lambda sr, seen: (sr("200 OK", []), [b"a", b"b"])[1],
+    "/none": lambda sr, seen: (sr("200 OK", []), None)[1],
+    "/empty-list": lambda sr, seen: (sr("200 OK", []), [])[1],
+    "/cl-short": lambda sr, seen: (sr("200 OK", [("Content-Length", "999")]), [seen])[1],
+    "/cl-long": lambda sr, seen: (sr("200 OK", [("Content-Length", "2")]), [seen])[1],
+    "/conn-close": lambda sr, seen: (sr("200 OK", [("Connection", "close")]), [seen])[1],
+    "/date": lambda sr, seen: (sr("200 OK", [("Date", "then")]), [seen])[1],
+    "/te": lambda sr, seen: (sr("200 OK", [("Transfer-Encoding", "chunked")]), [seen])[1],
+    "/304": lambda sr, seen: (sr("304 Not Modified", []), [seen])[1],
+    "/twice": _twice,
+    "/exc-info": _exc_info,
+}
 
 
 class Engine(EngineThread):
@@ -146,7 +189,8 @@ EXTRA = [
     b"GET / http/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
 ] + [b"GET /%s HTTP/1.1\r\nHost: a\r\n\r\n" % p for p in (b"gen", b"write", b"raise", b"cl", b"bad-head", b"204",
-                                                        b"tuple")]
+                                                        b"tuple")] + [
+    b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % p.encode() for p in ODD_APPS]
 CORPUS = [raw for raw, _ in VALID] + [raw for _, raw, _ in MALFORMED] + EXTRA
 
 
@@ -170,7 +214,7 @@ def test_mutated_requests_get_the_same_answer(pair: tuple[Engine, Engine], data:
 
 
 @SETTINGS
-@given(paths=st.lists(st.sampled_from(["/", "/gen", "/write", "/cl", "/204", "/tuple", "/raise", "/x?y"]),
+@given(paths=st.lists(st.sampled_from(["/", "/gen", "/write", "/cl", "/204", "/tuple", "/raise", "/x?y", *ODD_APPS]),
                       min_size=1, max_size=6),
        close=st.booleans())
 def test_pipelined_shapes_get_the_same_answers(pair: tuple[Engine, Engine], paths: list[str], close: bool) -> None:
