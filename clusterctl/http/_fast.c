@@ -22,7 +22,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 /* connection phases, as the Python engine's IDLE, HEAD */
@@ -39,7 +42,7 @@ static PyObject *s_write, *s_close, *s_get_extra_info, *s_sockname, *s_peername,
     *s_recycle_at, *s_on_recycle, *s_clock, *s_buffered, *s_headers, *s_plain, *s_date, *s_full, *s_code,
     *s_full_head, *s_handoff, *s_adopt, *s_over_cap, *s_env_base_for, *s_lookup_head, *s_max_connections,
     *s_max_body_size, *s_max_request_line, *s_max_header_field, *s_max_header_size, *s_max_headers, *s_max_buffered,
-    *s_app_owner;
+    *s_app_owner, *s_socket, *s_fileno;
 static PyObject *k_method, *k_path, *k_query, *k_raw, *k_cl, *k_input, *k_raddr, *k_rport, *k_cookie, *k_host;
 static PyObject *u_comma, *u_semi;
 
@@ -381,6 +384,121 @@ static PyObject *augmented(PyObject *plain) {
     return d;
 }
 
+/* decimal digits of v at p (PyUnicode_FromFormat costs ~2.5k instructions a call); how many were written */
+static int put_uint(char *p, unsigned long long v) {
+    char tmp[24];
+    int n = 0;
+    do tmp[n++] = (char)('0' + v % 10); while ((v /= 10) != 0);
+    for (int i = 0; i < n; i++) p[i] = tmp[n - 1 - i];
+    return n;
+}
+
+static PyObject *uint_str(unsigned long long v) {
+    char buf[24];
+    return PyUnicode_DecodeASCII(buf, put_uint(buf, v), NULL);
+}
+
+/* -- the connection's addresses, for the environ ------------------------------------------------------------
+   uvloop's get_extra_info("sockname"/"peername") builds a Python address per call (~2k instructions each, per
+   connection); the descriptor's own getsockname/getpeername answer the common cases for less. Anything else
+   (no socket, not IPv4 for the peer, an unknown local address) asks the transport as the Python protocol does. */
+
+/* the transport's socket descriptor, or -1 */
+static int transport_fd(PyObject *transport) {
+    PyObject *sock = PyObject_CallMethodOneArg(transport, s_get_extra_info, s_socket);
+    if (sock == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    long fd = -1;
+    if (sock != Py_None) {
+        PyObject *n = PyObject_CallMethodNoArgs(sock, s_fileno);
+        if (n != NULL) {
+            fd = PyLong_AsLong(n);
+            Py_DECREF(n);
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            fd = -1;
+        }
+    }
+    Py_DECREF(sock);
+    return (int)fd;
+}
+
+/* local address (raw) -> the augmented base environ for it; its content depends on the address alone */
+#define ADDR_SLOTS 4
+typedef struct {
+    struct sockaddr_storage addr;
+    socklen_t len;
+    PyObject *aug;
+} AddrSlot;
+static AddrSlot addr_slots[ADDR_SLOTS];
+static int addr_next;
+
+static PyObject *base_by_address(int fd) { /* borrowed; NULL (no error) when not known */
+    struct sockaddr_storage a;
+    socklen_t len = sizeof a;
+    if (getsockname(fd, (struct sockaddr *)&a, &len) != 0) return NULL;
+    for (int i = 0; i < ADDR_SLOTS; i++)
+        if (addr_slots[i].aug != NULL && addr_slots[i].len == len && memcmp(&addr_slots[i].addr, &a, len) == 0)
+            return addr_slots[i].aug;
+    return NULL;
+}
+
+static void remember_address(int fd, PyObject *aug) {
+    AddrSlot *slot = &addr_slots[addr_next++ % ADDR_SLOTS];
+    socklen_t len = sizeof slot->addr;
+    memset(&slot->addr, 0, sizeof slot->addr);
+    if (getsockname(fd, (struct sockaddr *)&slot->addr, &len) != 0) {
+        Py_CLEAR(slot->aug);
+        return;
+    }
+    slot->len = len;
+    Py_XSETREF(slot->aug, Py_NewRef(aug));
+}
+
+/* the Python protocol's way: the transport's sockname, the engine's base for it (borrowed) */
+static PyObject *base_by_sockname(Conn *self, PyObject *transport) {
+    PyObject *sockname = PyObject_CallMethodOneArg(transport, s_get_extra_info, s_sockname);
+    if (sockname == NULL) return NULL;
+    PyObject *bases = sget(self, s_env_bases), *base = NULL;
+    if (bases != NULL) {
+        base = PyDict_GetItemWithError(bases, sockname);
+        if (base != NULL) Py_INCREF(base);
+        else if (!PyErr_Occurred()) base = PyObject_CallMethodOneArg((PyObject *)self, s_env_base_for, sockname);
+    }
+    Py_DECREF(sockname);
+    if (base == NULL) return NULL;
+    PyObject *aug = augmented(base);
+    Py_DECREF(base);
+    return aug;
+}
+
+/* REMOTE_ADDR/REMOTE_PORT of an IPv4 peer as str(peername[0]), str(peername[1]); 0 (no error) when not one */
+static int ipv4_peer(Conn *self, int fd) {
+    struct sockaddr_storage a;
+    socklen_t len = sizeof a;
+    if (getpeername(fd, (struct sockaddr *)&a, &len) != 0 || a.ss_family != AF_INET) return 0;
+    const struct sockaddr_in *in = (const struct sockaddr_in *)&a;
+    const unsigned char *b = (const unsigned char *)&in->sin_addr.s_addr;
+    char text[16];
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        n += put_uint(text + n, b[i]);
+        if (i < 3) text[n++] = '.';
+    }
+    PyObject *addr = PyUnicode_DecodeASCII(text, n, NULL);
+    PyObject *port = addr ? uint_str(ntohs(in->sin_port)) : NULL;
+    if (port == NULL) {
+        Py_XDECREF(addr);
+        return 0;
+    }
+    Py_XSETREF(self->remote_addr, addr);
+    Py_XSETREF(self->remote_port, port);
+    return 1;
+}
+
 static PyObject *conn_connection_made(Conn *self, PyObject *transport) {
     if (self->sdict == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Conn.__init__(server) was not called");
@@ -399,20 +517,16 @@ static PyObject *conn_connection_made(Conn *self, PyObject *transport) {
     }
     /* the environ's fixed part for this local address, shared by its connections; this peer's part is set
        per request (one dict copy per request, none per connection) */
-    PyObject *sockname = PyObject_CallMethodOneArg(transport, s_get_extra_info, s_sockname);
-    if (sockname == NULL) return NULL;
-    PyObject *bases = sget(self, s_env_bases), *base = NULL;
-    if (bases != NULL) {
-        base = PyDict_GetItemWithError(bases, sockname);
-        if (base != NULL) Py_INCREF(base);
-        else if (!PyErr_Occurred()) base = PyObject_CallMethodOneArg((PyObject *)self, s_env_base_for, sockname);
+    int fd = transport_fd(transport);
+    PyObject *aug = fd >= 0 ? base_by_address(fd) : NULL;
+    if (aug == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        if ((aug = base_by_sockname(self, transport)) == NULL) return NULL;
+        if (fd >= 0) remember_address(fd, aug);
     }
-    Py_DECREF(sockname);
-    if (base == NULL) return NULL;
-    PyObject *aug = augmented(base);
-    Py_DECREF(base);
-    if (aug == NULL) return NULL;
     Py_XSETREF(self->base_env, Py_NewRef(aug));
+    if (fd >= 0 && ipv4_peer(self, fd)) Py_RETURN_NONE;
+    if (PyErr_Occurred()) return NULL;
     PyObject *peer = PyObject_CallMethodOneArg(transport, s_get_extra_info, s_peername);
     if (peer == NULL) return NULL;
     if (PyTuple_Check(peer) && PyTuple_GET_SIZE(peer) >= 2) {
@@ -525,7 +639,7 @@ static PyObject *build_environ(Conn *self, const char *buf, Req *r, PyObject *ta
         if (bad) goto fail;
     }
     if (r->cl >= 0) {
-        PyObject *n = PyUnicode_FromFormat("%lld", r->cl);
+        PyObject *n = uint_str((unsigned long long)r->cl);
         PyObject *body = PyBytes_FromStringAndSize(buf + r->head_len, (Py_ssize_t)r->cl);
         PyObject *input = body ? PyObject_CallOneArg(g_bytesio, body) : NULL;
         int bad = n == NULL || input == NULL || PyDict_SetItem(env, k_cl, n) < 0 || PyDict_SetItem(env, k_input, input) < 0;
@@ -626,9 +740,16 @@ static int serve(Conn *self, PyObject *data, Py_ssize_t pos, Req *r, Py_ssize_t 
     PyObject *result = NULL, *exc = NULL, *head = NULL, *full = NULL, *code = NULL;
     if (self->access_log != NULL) {
         self->t0 = monotonic();
-        PyObject *raw = PyDict_GetItemWithError(env, k_raw);
-        PyObject *line = raw ? PyUnicode_FromFormat("%U %U HTTP/1.1", m_str[r->method], raw) : NULL;
+        /* "METHOD target HTTP/1.1": all ASCII here (the parser's character classes) */
+        const char *method = METHODS[r->method];
+        size_t ml = strlen(method);
+        PyObject *line = PyUnicode_New((Py_ssize_t)ml + 1 + r->tlen + 9, 127);
         if (line == NULL) goto out;
+        char *d = (char *)PyUnicode_DATA(line);
+        memcpy(d, method, ml);
+        d[ml] = ' ';
+        memcpy(d + ml + 1, r->target, (size_t)r->tlen);
+        memcpy(d + ml + 1 + r->tlen, " HTTP/1.1", 9);
         Py_XSETREF(self->req_line, line);
     }
     /* in_flight is not counted for a request answered within this call (nothing else runs meanwhile to read
@@ -992,7 +1113,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_max_body_size, "max_body_size"); INTERN(s_max_request_line, "max_request_line");
     INTERN(s_max_header_field, "max_header_field"); INTERN(s_max_header_size, "max_header_size");
     INTERN(s_max_headers, "max_headers"); INTERN(s_max_buffered, "max_buffered");
-    INTERN(s_app_owner, "app_owner");
+    INTERN(s_app_owner, "app_owner"); INTERN(s_socket, "socket"); INTERN(s_fileno, "fileno");
     INTERN(k_method, "REQUEST_METHOD"); INTERN(k_path, "PATH_INFO"); INTERN(k_query, "QUERY_STRING");
     INTERN(k_raw, "RAW_URI"); INTERN(k_cl, "CONTENT_LENGTH"); INTERN(k_input, "wsgi.input");
     INTERN(k_raddr, "REMOTE_ADDR"); INTERN(k_rport, "REMOTE_PORT"); INTERN(k_cookie, "HTTP_COOKIE");
