@@ -42,7 +42,11 @@ def compile_fast(root: Path, out_dir: Path) -> Path | None:
         return None
     target = out_dir / ("_fast" + sysconfig.get_config_var("EXT_SUFFIX"))
     src = root / SOURCE
-    cmd = [*cc, "-O2", "-fPIC", "-shared", "-Wall", "-fvisibility=hidden", f"-I{include}", str(src), "-o", str(target)]
+    # Python's own flags (Debian's: -O2 -fwrapv -fstack-protector-strong -Werror=format-security ...), as
+    # setuptools would pass them, and only the module's init function exported.
+    flags = [*shlex.split(sysconfig.get_config_var("CFLAGS") or "-O2"),
+             *shlex.split(sysconfig.get_config_var("CCSHARED") or "-fPIC")]
+    cmd = [*cc, *flags, "-shared", "-fvisibility=hidden", f"-I{include}", str(src), "-o", str(target)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"clusterctl: building the C fast lane failed ({shlex.join(cmd)}, exit {done.returncode}):\n"
