@@ -7,6 +7,7 @@ head, write) plus httptools. wrk's keep-alive loop is one request per read, so t
     .venv/bin/python bench/bench_engine_cpu.py                   # µs/request, best of --repeat runs
     .venv/bin/python bench/bench_engine_cpu.py --instructions    # + instructions/request (callgrind)
     .venv/bin/python bench/bench_engine_cpu.py --profile wrk     # cProfile of one scenario
+    .venv/bin/python bench/bench_engine_cpu.py --engine compiled # the C fast lane (clusterctl/http/_fast.c)
 
 Instructions are counted with callgrind at two request counts and differenced, so start-up and import
 costs cancel out (perf counters are not available in these VMs). They are stable to ~0.1% between runs
@@ -91,6 +92,9 @@ class FakeTransport:
         return 0
 
 
+ENGINE = "python"  # --engine: which WSGI protocol make() gives the server
+
+
 def make(access_log: bool, asgi: bool = False) -> tuple[Any, Any, FakeTransport, Any]:
     import uvloop
 
@@ -109,6 +113,11 @@ def make(access_log: bool, asgi: bool = False) -> tuple[Any, Any, FakeTransport,
 
         access = AccessLog(loop, WorkerConfig(app="examples.hello:app"), journal=False)
     server = Server(app, loop, access_log=access)
+    if ENGINE == "compiled" and not asgi:
+        from clusterctl.http import fastlane
+
+        if not fastlane.install(server):
+            raise SystemExit(f"--engine compiled: {fastlane.why_not()}")
     proto = server.protocol()
     transport = FakeTransport()
     proto.connection_made(transport)
@@ -171,7 +180,7 @@ def drive(scenario: str, n: int, access_log: bool) -> float:
 
 def callgrind_instructions(scenario: str, n: int, access_log: bool) -> int:
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--inner", scenario, "--requests", str(n)] + (["--access-log"] if access_log else [])
+           "--inner", scenario, "--requests", str(n), "--engine", ENGINE] + (["--access-log"] if access_log else [])
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # same dict layouts every run: counts repeat exactly
     err = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
     m = re.search(r"Collected\s*:\s*(\d+)", err)
@@ -189,8 +198,11 @@ def main() -> None:
     ap.add_argument("--access-log", action="store_true", help="also measure with the stdout access log on")
     ap.add_argument("--instructions", action="store_true", help="count instructions/request with callgrind")
     ap.add_argument("--profile", metavar="SCENARIO")
+    ap.add_argument("--engine", choices=["python", "compiled"], default="python", help="the WSGI protocol measured")
     ap.add_argument("--inner", metavar="SCENARIO", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global ENGINE
+    ENGINE = args.engine
     if args.inner:  # run under callgrind: just do the work
         drive(args.inner, args.requests, args.access_log)
         return
@@ -212,7 +224,7 @@ def main() -> None:
         sys.stdout = real_stdout
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
-    say(f"python {sys.version.split()[0]}, {args.requests} requests x best of {args.repeat}")
+    say(f"python {sys.version.split()[0]}, {args.engine} engine, {args.requests} requests x best of {args.repeat}")
     modes = [False, True] if args.access_log else [False]
     for scenario in args.scenarios:
         for log_on in modes:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import uvloop
 
+from clusterctl.http import fastlane
 from clusterctl.http.server import Limits
 
 
@@ -92,3 +95,29 @@ class Reader:
             return self.f.read(1) == b""
         except (ConnectionResetError, TimeoutError):
             return False
+def send_half_closed(port: int, data: bytes, pieces: int = 1) -> bytes:
+    """Send `data` (in `pieces` writes), half-close, read until the server closes (or a short timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        try:
+            step = max(1, len(data) // pieces)
+            for i in range(0, len(data), step):
+                s.sendall(data[i:i + step])
+                if pieces > 1:
+                    time.sleep(0.005)  # separate reads on the server's side
+            s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server may answer 4xx and close before reading it all
+            pass
+        got = b""
+        s.settimeout(2.5)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return got
+
+
+def engines() -> list[Any]:
+    """Every engine test runs on the Python protocol and on the compiled fast lane (issue 21) in front of it."""
+    return ["python", pytest.param("compiled", marks=pytest.mark.skipif(
+        not fastlane.available(), reason=fastlane.why_not() or "not built"))]

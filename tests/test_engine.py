@@ -17,9 +17,10 @@ from wsgiref.validate import validator
 
 import pytest
 
+from clusterctl.http import fastlane
 from clusterctl.http.server import Limits
 from clusterctl.http.wsgi import WsgiServer
-from tests.engine_thread import SMALL, EngineThread, Reader
+from tests.engine_thread import SMALL, EngineThread, Reader, engines
 
 pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
 
@@ -29,7 +30,7 @@ class Engine(EngineThread):
     """An engine serving `app` on 127.0.0.1:<port> from a thread; records the paths the app saw."""
 
     def __init__(self, app: Callable[..., Any], limits: Limits = SMALL, threads: int = 0,
-                 validate: bool = True) -> None:
+                 validate: bool = True, compiled: bool = False) -> None:
         self.seen: list[str] = []
         self.errors_logged = 0
 
@@ -40,7 +41,13 @@ class Engine(EngineThread):
         self.app = validator(recording) if validate else recording
         self.limits = limits
         self.threads = threads
-        super().__init__(lambda loop: WsgiServer(self.app, loop, limits, threads=threads))
+        super().__init__(lambda loop: self.server_for(loop, compiled))
+
+    def server_for(self, loop: Any, compiled: bool) -> WsgiServer:
+        server = WsgiServer(self.app, loop, self.limits, threads=self.threads)
+        if compiled:  # the C fast lane where it applies (not with threads), the Python protocol behind it
+            fastlane.install(server)
+        return server
 
 
     def connect(self) -> socket.socket:
@@ -48,12 +55,12 @@ class Engine(EngineThread):
         return s
 
 
-@pytest.fixture
-def engine() -> Iterator[Callable[..., Engine]]:
+@pytest.fixture(params=engines())
+def engine(request: pytest.FixtureRequest) -> Iterator[Callable[..., Engine]]:
     started: list[Engine] = []
 
     def start(app: Callable[..., Any] | None = None, **kw: Any) -> Engine:
-        e = Engine(app or echo_app, **kw)
+        e = Engine(app or echo_app, compiled=request.param == "compiled", **kw)
         started.append(e)
         return e
 
@@ -662,8 +669,12 @@ class _Transport:
     def resume_reading(self) -> None:
         pass
 
+    def set_protocol(self, protocol: Any) -> None:  # the compiled lane hands heads split over reads to Python
+        pass
 
-def test_requests_split_at_every_byte_parse_the_same() -> None:
+
+@pytest.mark.parametrize("kind", engines())
+def test_requests_split_at_every_byte_parse_the_same(kind: str) -> None:
     """Two pipelined requests cut into reads at every position (and byte by byte): the same two answers.
     Covers a URL, a header and a body that span reads, and a message that starts mid-read."""
     import uvloop
@@ -673,6 +684,8 @@ def test_requests_split_at_every_byte_parse_the_same() -> None:
     loop = uvloop.new_event_loop()
     try:
         server = WsgiServer(echo_app, loop, Limits())
+        if kind == "compiled":
+            assert fastlane.install(server)
 
         def answers(reads: list[bytes]) -> list[bytes]:
             proto = server.protocol()
@@ -792,3 +805,22 @@ def test_buffered_count_survives_every_way_a_body_ends(engine: Callable[..., Eng
     time.sleep(1.0)
     assert e.server.buffered == 0
     still_serves(e)
+
+
+def test_without_the_compiled_lane_the_python_engine_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not built (no compiler, CLUSTERCTL_NO_COMPILE=1): auto picks the Python engine with one line saying why,
+    and asking for the compiled one is an error, not a silent fallback."""
+    import asyncio
+
+    monkeypatch.setattr(fastlane, "_fast", None)
+    monkeypatch.setattr(fastlane, "_WHY", "the compiled engine is not built (test)")
+    loop = asyncio.new_event_loop()
+    try:
+        server = WsgiServer(echo_app, loop)
+        assert not fastlane.available() and not fastlane.install(server)
+        assert fastlane.choose(server, "auto") == ("python", "engine: python (the compiled engine is not built (test))")
+        with pytest.raises(RuntimeError, match="not built"):
+            fastlane.choose(server, "compiled")
+        assert type(server.protocol()).__name__ == "WsgiProtocol"
+    finally:
+        loop.close()

@@ -9,7 +9,6 @@ connection must get a correct 200. Bounded (200 examples per strategy) so it run
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clusterctl.http import fastlane
 from clusterctl.http.server import Limits, Server
 from clusterctl.http.wsgi import WsgiServer
-from tests.engine_thread import EngineThread
+from tests.engine_thread import EngineThread, engines, send_half_closed
 
 LIMITS = Limits(keepalive_timeout=1.0, header_timeout=1.0, body_timeout=1.0, max_request_line=512,
                 max_header_size=2048, max_headers=30, max_body_size=4096, max_connections=64)
@@ -48,32 +48,22 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
 class Engine(EngineThread):
     """The engine on 127.0.0.1:<port> in a thread; collects anything raised into the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool = False) -> None:
         self.loop_errors: list[str] = []
 
         def make(loop: asyncio.AbstractEventLoop) -> Server:
             loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(repr(ctx)))
-            return WsgiServer(app, loop, LIMITS)
+            server = WsgiServer(app, loop, LIMITS)
+            if compiled:  # the C fast lane (issue 21) in front of the Python protocol
+                assert fastlane.install(server)
+            return server
 
         super().__init__(make, backlog=256)
 
 
     def send(self, data: bytes) -> bytes:
         """Send, half-close, read until the server closes (or a short timeout); the bytes received."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=3) as s:
-            try:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-            except OSError:  # the server may answer 4xx and close before reading it all
-                pass
-            got = b""
-            s.settimeout(2.5)
-            try:
-                while chunk := s.recv(65536):
-                    got += chunk
-            except (TimeoutError, ConnectionResetError):
-                pass
-        return got
+        return send_half_closed(self.port, data)
 
     def check_still_serves(self) -> None:
         got = self.send(b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
@@ -83,9 +73,9 @@ class Engine(EngineThread):
         assert self.loop_errors == []
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    e = Engine()
+@pytest.fixture(scope="module", params=engines())
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    e = Engine(compiled=request.param == "compiled")
     yield e
     e.stop()
 

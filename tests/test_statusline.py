@@ -45,11 +45,11 @@ def test_status_reads_what_the_runtime_writes(monkeypatch: pytest.MonkeyPatch, s
     server = object.__new__(server_type)
     for key, value in {"served": 9, "in_flight": 1, "errors": 2, "connections": {1: 0, 2: 0}, "websockets": 4}.items():
         setattr(server, key, value)
-    runtime = SimpleNamespace(server=server, draining=True, access=SimpleNamespace(dropped=3), last_status="",
+    runtime = SimpleNamespace(server=server, draining=True, access=SimpleNamespace(dropped=3), last_status="", engine="python",
                               loop=SimpleNamespace(call_later=lambda *a: None), _status=None)
     Runtime._status(runtime)  # type: ignore[arg-type]
     (text,) = sent
-    expected = {"served": 9, "in_flight": 1, "errors": 2, "connections": 2, "log_dropped": 3}
+    expected = {"served": 9, "in_flight": 1, "errors": 2, "connections": 2, "log_dropped": 3, "engine": "python"}
     if server_type is asgi.AsgiServer:
         expected["websockets"] = 4
     assert statusline.parse(text) == expected and text.startswith("state=draining ")

@@ -142,16 +142,13 @@ class _EmptyInput:
         pass
 
 
-_EMPTY_INPUT = _EmptyInput()
-
-
-_EMPTY_INPUT = _EmptyInput()
+EMPTY_INPUT = _EmptyInput()
 # Request header name as sent -> environ key; "" for names dropped.
-_ENV_KEYS: dict[bytes, str] = {}
+ENV_KEYS: dict[bytes, str] = {}
 _UNDERSCORE = 0x5F
 
 
-def _env_key(name: bytes) -> str:
+def env_key(name: bytes) -> str:
     low = name.lower()
     if low == b"content-type":
         key = "CONTENT_TYPE"
@@ -161,13 +158,13 @@ def _env_key(name: bytes) -> str:
         key = ""
     else:
         key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
-    if len(_ENV_KEYS) < CACHE_MAX:
-        _ENV_KEYS[name] = key
+    if len(ENV_KEYS) < CACHE_MAX:
+        ENV_KEYS[name] = key
     return key
 
 
 
-def _wsgi_head(status: str, headers: list[tuple[str, str]]) -> Head:
+def wsgi_head(status: str, headers: list[tuple[str, str]]) -> Head:
     """Validate and compile a WSGI status and header list (PEP 3333: native strings)."""
     if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
         raise ValueError(f"invalid WSGI status {status!r}")
@@ -277,13 +274,13 @@ class WsgiProtocol(ResponseWriter):
         env["PATH_INFO"] = t[0]
         env["QUERY_STRING"] = t[1]
         env["RAW_URI"] = t[2]
-        keys = _ENV_KEYS
+        keys = ENV_KEYS
         setdefault = env.setdefault
         for name, value in req.headers:
             key = keys.get(name)
             if not key:
                 if key is None:
-                    key = _env_key(name)
+                    key = env_key(name)
                 if not key:
                     continue
             v = value.decode("latin-1")
@@ -294,7 +291,7 @@ class WsgiProtocol(ResponseWriter):
             env["CONTENT_LENGTH"] = str(len(body))
             env["wsgi.input"] = io.BytesIO(body)
         else:
-            env["wsgi.input"] = _EMPTY_INPUT
+            env["wsgi.input"] = EMPTY_INPUT
         return env
 
     # -- request handling ---------------------------------------------------------------------------------
@@ -529,7 +526,7 @@ class WsgiProtocol(ResponseWriter):
         status = self.status
         if status is None:
             raise RuntimeError("app returned without calling start_response()")
-        return self.lookup_head(status, self.resp_headers, _wsgi_head)
+        return self.lookup_head(status, self.resp_headers, wsgi_head)
 
     def _head(self, body_len: int | None) -> bytes:
         """Response head bytes; decides framing. `body_len` is the whole body's size when known."""

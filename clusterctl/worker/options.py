@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clusterctl.http.asgi import WS_MAX_SIZE, WS_PING
+from clusterctl.http.fastlane import ENGINES
 from clusterctl.http.server import Limits
 
 _LIMITS = Limits()  # the engine's own defaults: one place for every limit the worker takes as an option
@@ -86,6 +87,8 @@ class WorkerConfig:
                                      "0: never", size_bytes)
     backlog: int = opt(4096, "listen backlog re-applied to the socket (match the unit's Backlog=)")
     loop: str = opt("uvloop", "event loop: uvloop (default) or asyncio")
+    engine: str = opt("auto", "HTTP engine for a WSGI app: auto (the compiled lane where it was built and applies, "
+                              "else python), compiled (an error where it cannot be used) or python")
     ws_max_size: int = opt(WS_MAX_SIZE, "ASGI WebSockets: largest message in bytes (closes with 1009 above)")
     ws_per_message_deflate: bool = opt(True, "ASGI WebSockets: accept permessage-deflate")
     ws_ping_interval: float = opt(WS_PING, "ASGI WebSockets: send a keepalive ping every S seconds (0: no pings)")
@@ -187,7 +190,13 @@ def problem(cfg: WorkerConfig) -> tuple[str, str] | None:
     """The first setting the worker refuses, as (what is wrong, the fix), or None."""
     return (ws_problem(cfg.ws_max_size, cfg.ws_ping_interval, cfg.ws_ping_timeout)
             or ready_path_problem(cfg.ready_path) or timeout_problem(cfg.timeout)
-            or forwarded_problem(cfg.forwarded_allow_ips))
+            or forwarded_problem(cfg.forwarded_allow_ips) or engine_problem(cfg.engine))
+
+
+def engine_problem(engine: str) -> tuple[str, str] | None:
+    if engine not in ENGINES:
+        return f"--engine {engine!r} is not an engine", f"use one of {', '.join(ENGINES)}"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:

@@ -119,6 +119,7 @@ class Runtime:
 
             self.server.recycle_at = cfg.max_requests + random.randint(0, max(0, cfg.max_requests_jitter))
             self.server.on_recycle = self.recycle
+        self.engine = self._choose_engine(cfg.engine)  # last: a proxied or threaded server stays on Python
         self.done: asyncio.Future[int] = self.loop.create_future()
         self.draining = False
         self.deadline = 0.0
@@ -262,12 +263,30 @@ class Runtime:
         return code
 
     # -- periodic notify ---------------------------------------------------------------------------------
+    def _choose_engine(self, engine: str) -> str:
+        """--engine: the compiled lane (clusterctl/http/_fast.c) in front of the Python protocol where it was built
+        and applies (plain WSGI, no --threads, no proxy headers), said in one log line either way."""
+        if not isinstance(self.server, WsgiServer):
+            if engine == "compiled":
+                raise ClusterctlError("--engine compiled: the compiled engine serves WSGI apps; this app is ASGI",
+                                      "use --engine auto or --engine python")
+            return "python"
+        from clusterctl.http import fastlane
+
+        try:
+            chosen, line = fastlane.choose(self.server, engine)
+        except RuntimeError as e:
+            raise ClusterctlError(str(e), "use --engine auto (the compiled lane where it applies) or --engine python"
+                                  ) from None
+        log.info("%s", line)
+        return chosen
+
     def _status(self) -> None:
         s = self.server
         text = statusline.format(
             state="draining" if self.draining else None, served=s.served, in_flight=s.in_flight, errors=s.errors,
             connections=len(s.connections), websockets=s.websockets if isinstance(s, asgi.AsgiServer) else None,
-            log_dropped=(self.access.dropped or None) if self.access is not None else None)
+            engine=self.engine, log_dropped=(self.access.dropped or None) if self.access is not None else None)
         if text != self.last_status:
             self.last_status = text
             notify.notify(status=text)

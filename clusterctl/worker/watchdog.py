@@ -36,9 +36,11 @@ TIMEOUT_EXIT = 1  # Restart=on-failure brings a fresh worker; the journal line s
 
 
 def describe(req: Any) -> str:
-    """`METHOD target` of an http.request.Request, for the journal."""
+    """`METHOD target` of an http.request.Request (the compiled lane sets a (method, target) pair), for the
+    journal."""
     try:
-        return f"{req.method.decode('latin-1')} {req.target.decode('latin-1')}"
+        method, target = (req.method, req.target) if hasattr(req, "target") else req[:2]
+        return f"{method.decode('latin-1')} {target.decode('latin-1')}"
     except Exception:
         return "a request"
 
