@@ -34,6 +34,10 @@ LIMITS = Limits(keepalive_timeout=1.0, header_timeout=1.0, body_timeout=1.0, max
 SKIP = {"wsgi.input", "wsgi.errors", "wsgi.file_wrapper", "REMOTE_PORT", "SERVER_PORT"}  # objects; ports differ
 
 
+# More than the kernel's send buffer can take (tcp_wmem's maximum is 4 MiB here) plus the client's 64 KiB:
+# the rest waits in the transport, which pauses writing.
+BIG = 16 << 20
+
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     """Answers with what it saw; the path picks a response shape (the fast one and each hand-over)."""
     body = environ["wsgi.input"].read()
@@ -62,7 +66,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return [b""]
     if path == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
-        return [b"x" * (4 << 20)]
+        return [b"x" * BIG]
     odd = ODD_APPS.get(path)
     if odd is not None:
         return odd(start_response, seen)
@@ -370,7 +374,7 @@ def test_a_client_that_does_not_read_is_handed_to_the_python_protocol() -> None:
             time.sleep(0.15)
             assert {type(c).__name__ for c in list(e.server.connections)} == {"WsgiProtocol"}
             r = Reader(s)
-            assert r.response()[2] == b"x" * (4 << 20)
+            assert r.response()[2] == b"x" * BIG
             status, _, body = r.response()
             assert status == 200 and b"PATH_INFO='/after'" in body
             r.f.close()
