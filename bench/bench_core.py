@@ -82,7 +82,10 @@ def servers(port: int, extra: list[str], baseline: str | None = None) -> dict[st
     # in front of it (what --engine auto, the default, picks where the lane was built)
     ours = {"clusterctl": [*worker, "--engine", "python"], "clusterctl-compiled": [*worker, "--engine", "compiled"]}
     if baseline:
-        ours["clusterctl-baseline"] = [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + str(Path(baseline).resolve()),
+        # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: the other checkout's
+        # worker must also run from there (env -C), or this checkout's clusterctl is what gets measured.
+        base = str(Path(baseline).resolve())
+        ours["clusterctl-baseline"] = [ssa, "-l", f"127.0.0.1:{port}", "-EPYTHONPATH=" + base, "env", "-C", base,
                                        PY, "-m", "clusterctl.worker", "--app", "examples.hello:app", "--no-access-log",
                                        *extra]
     return {
