@@ -122,8 +122,8 @@ class Head:
 class ResponseWriter(HttpProtocol):
     """One response at a time per connection: its framing, whether the connection is kept, what was sent.
 
-    The adapters (WSGI, ASGI) subclass it; the access log reads `code`-independent facts through
-    `client_addr()`, `req_line` and `t0` (set only while an access log is on)."""
+    The adapters (WSGI, ASGI) subclass it. The access log reads `t0` and `req_line` (set only while an access log
+    is on) and asks `client_addr()`."""
 
     __slots__ = ("code", "framing", "head_sent", "is_head", "keep", "remaining", "req_line", "resp_bytes",
                  "rversion", "t0")
