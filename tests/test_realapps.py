@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.djangosite import admin_login, make_site
+from tests.engine_thread import engines
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,14 +49,15 @@ class Served:
         return err.decode()
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Served]]:
+@pytest.fixture(params=engines())
+def serve(request: pytest.FixtureRequest) -> Iterator[Callable[..., Served]]:
+    """Workers on each engine: the Python protocol, and the compiled lane in front of it (issue 21)."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(app: str, cwd: Path, *args: str) -> Served:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "clusterctl.worker", "--app", app, "--bind",
-                                 f"127.0.0.1:{port}", "--no-access-log", *args], cwd=cwd,
+                                 f"127.0.0.1:{port}", "--no-access-log", "--engine", request.param, *args], cwd=cwd,
                                 env={**os.environ, "PYTHONPATH": f"{cwd}:{REPO}"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
@@ -78,10 +80,13 @@ def serve() -> Iterator[Callable[..., Served]]:
 
 # -- Django ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def django_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def django_site(tmp_path: Path) -> Path:
+    """A fresh site (and database) per test: each engine's run signs its users up from scratch."""
     pytest.importorskip("django")
-    return make_site(tmp_path_factory.mktemp("djangosite"))
+    site = tmp_path / "djangosite"
+    site.mkdir()
+    return make_site(site)
 
 
 def test_django_admin_login_orm_writes_and_streaming(serve: Callable[..., Served], django_site: Path) -> None:
