@@ -265,6 +265,7 @@ BAD_INPUTS = [
     (["--app", "myapp:app", "--worker-args", "--bind 0.0.0.0:80"], "--worker-args --bind: generate sets it itself"),
     (["--app", "myapp:app", "--worker-args", "--app=other:app"], "--worker-args --app: generate sets it itself"),
     (["--app", "myapp:app", "--worker-args", "--loop tokio"], "is not an event loop"),
+    (["--app", "myapp:app", "--worker-args", "--engine fast"], "--engine 'fast' is not an engine"),
     (["--app", "myapp:app", "--worker-args", "--max-memory-restart 5X"], "is not understood by the worker"),
     (["--app", "myapp:app", "--worker-args", "--ready-path health"], "--ready-path 'health' is not a request path"),
     (["--app", "myapp:app", "--worker-args", "'--threads 8"], "No closing quotation"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.ports import free_port
-from tests.workerproc import SSA, Notify, Worker, connect_when_listening
+from tests.workerproc import SSA, Notify, Worker, assert_fails_before_ready, connect_when_listening
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,6 +84,15 @@ def test_ready_path_must_be_a_path(spawn: Callable[..., Worker]) -> None:
     w = spawn("--app", "examples.hello:app", "--ready-path", "health", ssa=False)
     assert w.proc.wait(10) == 2
     assert "--ready-path 'health' is not a request path (fix: e.g. --ready-path /health)" in w.output()[1]
+
+
+def test_engine_must_be_one_of_the_engines(spawn: Callable[..., Worker], tmp_path: Path) -> None:
+    w = spawn("--app", "examples.hello:app", "--engine", "fast", ssa=False)
+    assert w.proc.wait(10) == 2
+    assert "--engine 'fast' is not an engine (fix: use one of auto, compiled, python)" in w.output()[1]
+    (tmp_path / "asgiapp.py").write_text("async def app(scope, receive, send):\n    pass\n")
+    w = spawn("--app", "asgiapp:app", "--engine", "compiled", cwd=tmp_path)
+    assert_fails_before_ready(w, "--engine compiled: the compiled engine serves WSGI apps; this app is ASGI")
 
 
 def test_status_updates_and_access_log(spawn: Callable[..., Worker]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from clusterctl.http.protocol import IDLE, Limits, error_response
 from clusterctl.http.request import TARGETS, Request, split_target
 from clusterctl.http.response import ResponseWriter
+from clusterctl.http.server import ENGINES
 from clusterctl.http.wsgi import EMPTY_INPUT, ENV_KEYS, WsgiProtocol, WsgiServer, env_key, wsgi_head
 
 try:
@@ -28,7 +29,6 @@ else:
     _WHY = ""
     _fast.configure(TARGETS, split_target, ENV_KEYS, env_key, EMPTY_INPUT, io.BytesIO)
 
-ENGINES = ("auto", "compiled", "python")
 
 
 def available() -> bool:

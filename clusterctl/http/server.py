@@ -28,6 +28,11 @@ def http_date(now: float) -> str:
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 
+# The HTTP engines a WSGI worker can serve with (--engine): here, where loading them costs nothing, so that the
+# worker's option table can check the word without loading the compiled lane (fastlane.choose picks one).
+ENGINES = ("auto", "compiled", "python")
+
+
 class Server:
     """One worker's connections and what they share. Slots: the hot path reads a dozen of these per request."""
 

@@ -621,9 +621,7 @@ class WsgiProtocol(ResponseWriter):
             self._close_result(result)
         if self.server.app_owner is self:
             self._release_app()
-        keep = self.keep
-        if self.framing == F_LENGTH and self.remaining > 0:
-            keep = False  # app sent less than its Content-Length: only closing keeps the framing honest
+        keep = self.keep and self.complete()  # less than its Content-Length: only closing keeps the framing honest
         if self.server.access_log is not None:
             self.server.access_log(self, self.code, self.resp_bytes)
         self._finish(keep)

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clusterctl.http.asgi import WS_MAX_SIZE, WS_PING
-from clusterctl.http.fastlane import ENGINES
-from clusterctl.http.server import Limits
+from clusterctl.http.server import ENGINES, Limits
 
 _LIMITS = Limits()  # the engine's own defaults: one place for every limit the worker takes as an option
 
@@ -178,7 +177,8 @@ def extra_args_problem(words: list[str]) -> tuple[str, str] | None:
         return (f"--worker-args {' '.join(words)!r} is not understood by the worker",
                 "give full option names with plain values, e.g. --worker-args '--threads 8 --max-requests 1000' "
                 "(python -m clusterctl.worker --help lists them)")
-    bad = ready_path_problem(parsed.get("ready_path", "")) or forwarded_problem(parsed.get("forwarded_allow_ips", ""))
+    bad = (ready_path_problem(parsed.get("ready_path", "")) or forwarded_problem(parsed.get("forwarded_allow_ips", ""))
+           or engine_problem(parsed.get("engine", "auto")))
     if bad:
         return bad
     if parsed.get("loop", "uvloop") not in ("uvloop", "asyncio"):
